@@ -1,0 +1,5 @@
+"""Pallas kernels for the hot loops of efficient diffusion transformers.
+
+Each kernel is differentiable (jax.custom_vjp), has a pure-jnp reference, and
+takes impl="auto" | "pallas" | "reference" (see _backend.py).
+"""
