@@ -1,0 +1,7 @@
+"""jdit models: `build_model(name, **overrides)` and the token-mixer registry."""
+from jdit.models.mixers import MIXERS, register_mixer
+from jdit.models.registry import MODELS, build_model, register_model
+from jdit.models import dit  # registers the DiT family
+
+__all__ = ["MIXERS", "MODELS", "build_model", "register_mixer",
+           "register_model"]

@@ -1,0 +1,219 @@
+"""DiT: the isotropic diffusion transformer with adaLN-Zero blocks.
+
+Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023). Layer
+names and initialisation follow facebookresearch/DiT so that its checkpoints
+convert exactly. The token mixer is chosen by name from the mixer registry,
+so every attention variant shares these blocks, embeddings and final layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdit.models import mixers
+from jdit.models.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder,
+                               dense, sincos_2d)
+from jdit.models.registry import register_model
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+
+# Logical names of activation axes (mapped to mesh axes by config rules).
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _layer_norm(name):
+  # No affine parameters: adaLN supplies scale and shift. Statistics in f32.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                      dtype=jnp.float32, name=name)
+
+
+def adaln_modulation(c, n, *, dtype, param_dtype):
+  """SiLU -> zero-initialised Dense(n * D): the adaLN-Zero parameters."""
+  d = c.shape[-1]
+  out = dense(n * d, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
+              dtype=dtype, param_dtype=param_dtype,
+              name="adaLN_modulation")(nn.silu(c))
+  return jnp.split(out, n, axis=-1)
+
+
+class Mlp(nn.Module):
+  """Transformer MLP: Dense -> GELU(tanh) -> Dense, as in DiT (timm Mlp)."""
+  hidden: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype,
+              param_dtype=self.param_dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=True)
+    return dense(d, ("mlp", "embed"), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="fc2")(x)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block around a registered token mixer."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  mixer: str = "attention"
+  mixer_options: Any = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, grid_shape, deterministic=True):
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        adaln_modulation(c, 6, dtype=self.dtype, param_dtype=self.param_dtype))
+    mixer = mixers.get_mixer(self.mixer)(
+        num_heads=self.num_heads, dtype=self.dtype,
+        param_dtype=self.param_dtype, **dict(self.mixer_options or {}),
+        name="attn")
+    h = modulate(_layer_norm("norm1")(x), shift_msa, scale_msa)
+    h = mixer(h.astype(self.dtype), grid_shape=grid_shape,
+              deterministic=deterministic)
+    x = x + gate_msa[:, None] * h
+    h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
+    h = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+            param_dtype=self.param_dtype, name="mlp")(h.astype(self.dtype))
+    x = x + gate_mlp[:, None] * h
+    return nn.with_logical_constraint(x, ACT)
+
+
+class FinalLayer(nn.Module):
+  """adaLN, then a zero-initialised projection to patch pixels."""
+  patch_size: int
+  out_channels: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    shift, scale = adaln_modulation(c, 2, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+    x = modulate(_layer_norm("norm_final")(x), shift, scale)
+    p = self.patch_size
+    return dense(p * p * self.out_channels, ("embed", None),
+                 kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="linear")(
+                     x.astype(self.dtype))
+
+
+def remat_block(cls, policy: str):
+  """Wraps a block class for rematerialisation under a named policy."""
+  if policy == "none":
+    return cls
+  policies = {
+      "full": None,  # save nothing, recompute the whole block
+      "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+          "device", "pinned_host"),
+  }
+  return nn.remat(cls, policy=policies[policy], static_argnums=(3, 4))
+
+
+def grid_of(input_size, patch_size) -> tuple[int, int]:
+  h, w = ((input_size, input_size) if isinstance(input_size, int)
+          else tuple(input_size))
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"input_size {input_size} must be divisible by "
+                     f"patch_size {patch_size}")
+  return h // patch_size, w // patch_size
+
+
+class DiT(nn.Module):
+  """Class-conditional diffusion transformer on channels-last inputs.
+
+  Call: model.apply({"params": p}, x, t, y, train=False, rngs=...) with x
+  (B, H, W, C), t (B,) float timesteps, y (B,) int labels (num_classes is the
+  null label). Returns (B, H, W, C_out), C_out = 2C with learned sigma, in
+  float32. With train=True, labels are dropped with class_dropout_prob using
+  the "dropout" RNG stream.
+  """
+  depth: int
+  hidden_size: int
+  num_heads: int
+  patch_size: int = 2
+  input_size: int | Sequence[int] = 32
+  in_channels: int = 4
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  class_dropout_prob: float = 0.1
+  mlp_ratio: float = 4.0
+  mixer: str = "attention"
+  mixer_options: Any = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str = "none"
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * (2 if self.learn_sigma else 1)
+
+  @property
+  def grid_shape(self) -> tuple[int, int]:
+    return grid_of(self.input_size, self.patch_size)
+
+  def validate(self):
+    """Checks hyperparameters at construction (build_model calls this)."""
+    self.grid_shape  # pylint: disable=pointless-statement
+    for field in ("depth", "hidden_size", "num_heads", "patch_size",
+                  "in_channels", "num_classes"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
+                       f"num_heads {self.num_heads}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat!r}")
+    if not 0 <= self.class_dropout_prob < 1:
+      raise ValueError(f"class_dropout_prob must be in [0, 1), got "
+                       f"{self.class_dropout_prob}")
+
+  @nn.compact
+  def __call__(self, x, t, y, train: bool = False):
+    gh, gw = self.grid_shape
+    p = self.patch_size
+    b, h, w, ch = x.shape
+    if (h, w, ch) != (gh * p, gw * p, self.in_channels):
+      raise ValueError(f"x must have shape (B, {gh * p}, {gw * p}, "
+                       f"{self.in_channels}), got {x.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = PatchEmbed(self.hidden_size, p, name="x_embedder", **kw)(
+        x.astype(self.dtype))
+    x = x + sincos_2d(self.hidden_size, gh, gw)[None].astype(self.dtype)
+    x = nn.with_logical_constraint(x, ACT)
+    c = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size,
+                          self.class_dropout_prob,
+                          param_dtype=self.param_dtype,
+                          name="y_embedder")(y, train).astype(self.dtype)
+    block = remat_block(DiTBlock, self.remat)
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_ratio, self.mixer,
+                self.mixer_options, name=f"blocks_{i}", **kw)(
+                    x, c, (gh, gw), not train)
+    x = FinalLayer(p, self.out_channels, name="final_layer", **kw)(x, c)
+    # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).
+    x = x.reshape(b, gh, gw, p, p, self.out_channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p,
+                                              self.out_channels)
+    return x.astype(jnp.float32)
+
+
+# The DiT paper's Table 1: (depth, hidden size, heads) per size.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+             "XL": (28, 1152, 16)}
+
+for _size, (_depth, _width, _heads) in DIT_SIZES.items():
+  for _patch in (2, 4, 8):
+    register_model(f"DiT-{_size}/{_patch}", DiT, depth=_depth,
+                   hidden_size=_width, num_heads=_heads, patch_size=_patch)

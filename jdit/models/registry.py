@@ -1,0 +1,81 @@
+"""Named models: `build_model("DiT-XL/2", **overrides)`.
+
+A model family registers its names once (`register_model`) with the module
+class and the hyperparameters that define each name; overrides replace any
+field of the module (input_size, in_channels, num_classes, learn_sigma,
+mixer, mixer_options, dtype, param_dtype, remat, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jdit.models import mixers
+
+MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def register_model(name: str, cls: type[nn.Module], **hparams) -> None:
+  if name in MODELS:
+    raise ValueError(f"model {name!r} is already registered")
+  MODELS[name] = (cls, hparams)
+
+
+def model_fields(cls: type[nn.Module]) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls)
+               if f.init and f.name not in ("parent", "name"))
+
+
+def as_dtype(value, what: str):
+  """Accepts "bfloat16", jnp.bfloat16, np.dtype(...); returns a jnp dtype."""
+  if isinstance(value, str):
+    if value not in _DTYPES:
+      raise ValueError(f"{what} must be one of {sorted(_DTYPES)}, got "
+                       f"{value!r}")
+    return _DTYPES[value]
+  return jnp.dtype(value).type
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+  """Returns the Flax module for a named model.
+
+  Args:
+    name: a registered name, e.g. "DiT-XL/2" (all 12 DiT paper variants are
+      registered; other families add theirs).
+    **overrides: replace module fields, e.g. input_size=32, in_channels=4,
+      num_classes=1000, learn_sigma=True, dtype="bfloat16",
+      mixer="local", mixer_options={"window": 4}.
+
+  Raises:
+    ValueError: unknown name, unknown override, unknown mixer or mixer option.
+  """
+  if name not in MODELS:
+    close = difflib.get_close_matches(name, MODELS, n=3)
+    hint = f" (did you mean {close}?)" if close else ""
+    raise ValueError(f"unknown model name {name!r}{hint}; registered: "
+                     f"{sorted(MODELS)}")
+  cls, hparams = MODELS[name]
+  fields = model_fields(cls)
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown override(s) {unknown} for model {name!r}; "
+                     f"allowed: {list(fields)}")
+  kwargs = {**hparams, **overrides}
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = as_dtype(kwargs[key], key)
+  if "mixer" in fields:
+    mixer = kwargs.get("mixer", "attention")
+    mixers.get_mixer(mixer)
+    mixers.check_mixer_options(mixer, dict(kwargs.get("mixer_options") or {}))
+  model = cls(**kwargs)
+  validate = getattr(model, "validate", None)
+  if validate is not None:
+    validate()
+  return model
