@@ -43,6 +43,30 @@ def adaln_modulation(c, n, *, dtype, param_dtype):
   return jnp.split(out, n, axis=-1)
 
 
+# Feed-forward layers a block can use, by name (the dense MLP here; the MoE
+# layer registers itself as "moe"). Signature: cls(hidden=..., dtype=...,
+# param_dtype=..., **mlp_options)(x, c, deterministic=...) -> x, where c is the
+# (B, D) conditioning vector (timestep + label), for routers that use it.
+FEEDFORWARDS: dict[str, type[nn.Module]] = {}
+
+
+def register_feedforward(name: str):
+  def add(cls):
+    if name in FEEDFORWARDS:
+      raise ValueError(f"feed-forward {name!r} is already registered")
+    FEEDFORWARDS[name] = cls
+    return cls
+  return add
+
+
+def get_feedforward(name: str) -> type[nn.Module]:
+  if name not in FEEDFORWARDS:
+    raise ValueError(f"unknown mlp {name!r}; registered: "
+                     f"{sorted(FEEDFORWARDS)}")
+  return FEEDFORWARDS[name]
+
+
+@register_feedforward("dense")
 class Mlp(nn.Module):
   """Transformer MLP: Dense -> GELU(tanh) -> Dense, as in DiT (timm Mlp)."""
   hidden: int
@@ -50,7 +74,8 @@ class Mlp(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, c=None, deterministic=True):
+    del c, deterministic
     d = x.shape[-1]
     x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype,
               param_dtype=self.param_dtype, name="fc1")(x)
@@ -65,6 +90,8 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   mixer: str = "attention"
   mixer_options: Any = None
+  mlp: str = "dense"
+  mlp_options: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -81,8 +108,10 @@ class DiTBlock(nn.Module):
               deterministic=deterministic)
     x = x + gate_msa[:, None] * h
     h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
-    h = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(h.astype(self.dtype))
+    h = get_feedforward(self.mlp)(
+        hidden=int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+        param_dtype=self.param_dtype, **dict(self.mlp_options or {}),
+        name="mlp")(h.astype(self.dtype), c, deterministic)
     x = x + gate_mlp[:, None] * h
     return nn.with_logical_constraint(x, ACT)
 
@@ -149,6 +178,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   mixer: str = "attention"
   mixer_options: Any = None
+  mlp: str = "dense"
+  mlp_options: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
@@ -171,6 +202,7 @@ class DiT(nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
                        f"num_heads {self.num_heads}")
+    get_feedforward(self.mlp)
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}")
@@ -199,7 +231,8 @@ class DiT(nn.Module):
     block = remat_block(DiTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.mixer,
-                self.mixer_options, name=f"blocks_{i}", **kw)(
+                self.mixer_options, self.mlp, self.mlp_options,
+                name=f"blocks_{i}", **kw)(
                     x, c, (gh, gw), not train)
     x = FinalLayer(p, self.out_channels, name="final_layer", **kw)(x, c)
     # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).
