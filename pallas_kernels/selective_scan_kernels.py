@@ -1,0 +1,382 @@
+"""Pallas kernels for the Mamba-1 selective scan (forward and backward).
+
+Layout inside the kernels (built by selective_scan_pallas.py): time-major
+rows, channels on the minor (lane) axis, the state as an (N, bd) f32 tile.
+  u, delta, z, y, du, ...  (batch, Lp, Dp)      block (T, bd)
+  A                        (Np, Dp) f32         block (Np, bd)
+  B, C                     (batch, G, Lp, Np)   block (T, Np)
+  D, delta_bias            (1, Dp) f32          block (1, bd)
+  states                   (batch, nc, Np, Dp)  chunk-boundary states
+Time is left-padded with zeros (u = 0 keeps h = 0 there, so padding needs
+no mask and contributes nothing to any gradient); channels are padded per
+group with zeros for the same reason.
+
+Two program structures share the per-timestep code:
+  "gpu": grid (batch, channel tiles); each program loops over every chunk
+    (Triton has no scratch memory and no sequential grid axis), the
+    backward's per-chunk recomputed states go to an HBM work output.
+  "tpu": grid (batch, channel tiles, chunks) with the chunk axis
+    "arbitrary"; the carry and the work buffer live in VMEM scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _backend
+
+LOG2E = math.log2(math.e)
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static configuration of one kernel instance (hashable)."""
+  backend: str  # "gpu" or "tpu": program structure and row access
+  interpret: bool
+  softplus: bool
+  has_z: bool
+  block_d: int  # channels per program (power of two)
+  chunk: int  # timesteps per chunk (boundary-state spacing)
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+class _Rows:
+  """Per-timestep row access that lowers on both Triton and Mosaic.
+
+  Triton handles 1D vectors and [:, None] natively. Mosaic dislikes 1D
+  values and (1, N) -> (N, 1) relayouts, so there a row becomes a column by
+  a masked reduction against an identity matrix built from iota (N <= 16,
+  so this is cheap next to the (N, bd) state update).
+  """
+
+  def __init__(self, cfg: Config, n: int):
+    self.gpu = cfg.backend == "gpu"
+    if not self.gpu:
+      r = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+      c = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+      self.eye = (r == c).astype(F32)
+
+  def row(self, ref, t):
+    """(1, bd) f32 row t of a (T, bd) ref."""
+    return ref[pl.ds(t, 1), :].astype(F32)
+
+  def col(self, ref, t):
+    """Row t of a (T, N) ref as an (N, 1) f32 column."""
+    if self.gpu:
+      return ref[t, :].astype(F32)[:, None]
+    r = ref[pl.ds(t, 1), :].astype(F32)
+    return jnp.sum(self.eye * r, axis=1, keepdims=True)
+
+  def put_rowsum(self, ref, t, mat):
+    """Writes sum over channels of an (N, bd) tile as row t of (T, N)."""
+    if self.gpu:
+      ref[t, :] = jnp.sum(mat, axis=1).astype(ref.dtype)
+      return
+    c = jnp.sum(mat, axis=1, keepdims=True)
+    ref[pl.ds(t, 1), :] = jnp.sum(self.eye * c, axis=0,
+                                  keepdims=True).astype(ref.dtype)
+
+
+def _softplus(x):
+  # Stable for any x; the derivative (sigmoid) is taken explicitly.
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _step_inputs(cfg, rows, refs, t, bias):
+  """Loads timestep t: u, dt (post bias/softplus), raw dt, B and C cols."""
+  u = rows.row(refs["u"], t)
+  dt_raw = rows.row(refs["delta"], t) + bias
+  dt = _softplus(dt_raw) if cfg.softplus else dt_raw
+  return u, dt, dt_raw, rows.col(refs["B"], t), rows.col(refs["C"], t)
+
+
+def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
+               work=None):
+  """Runs cfg.chunk timesteps from h; optionally stores y or pre-states."""
+
+  def body(i, h):
+    t = t0 + i
+    if work is not None:
+      work[i] = h  # state before step i, for the backward
+    u, dt, _, b, c = _step_inputs(cfg, rows, refs, t, bias)
+    h = jnp.exp2(dt * a2) * h + b * (dt * u)
+    if write_y:
+      y = jnp.sum(h * c, axis=0, keepdims=True) + dvec * u
+      if cfg.has_z:
+        z = rows.row(refs["z"], t)
+        y = y * (z * jax.nn.sigmoid(z))
+      refs["y"][pl.ds(t, 1), :] = y.astype(refs["y"].dtype)
+    return h
+
+  return jax.lax.fori_loop(0, cfg.chunk, body, h)
+
+
+def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
+  """Reverse time loop over one chunk given its recomputed pre-states."""
+
+  def body(k, carry):
+    dh, da, dd, db = carry
+    i = cfg.chunk - 1 - k
+    t = t0 + i
+    h_prev = work[i]
+    u, dt, dt_raw, b, c = _step_inputs(cfg, rows, refs, t, bias)
+    a = jnp.exp2(dt * a2)
+    h = a * h_prev + b * (dt * u)
+    g = rows.row(refs["dy"], t)
+    if cfg.has_z:
+      z = rows.row(refs["z"], t)
+      sz = jax.nn.sigmoid(z)
+      y = jnp.sum(h * c, axis=0, keepdims=True) + dvec * u
+      dz = g * y * sz * (1.0 + z * (1.0 - sz))
+      refs["dz"][pl.ds(t, 1), :] = dz.astype(refs["dz"].dtype)
+      g = g * (z * sz)
+    dd = dd + g * u
+    rows.put_rowsum(refs["dC"], t, h * g)
+    dh = dh + c * g
+    s = jnp.sum(dh * b, axis=0, keepdims=True)
+    du = g * dvec + s * dt
+    gh = dh * h_prev * a
+    ddt = s * u + jnp.sum(gh * a_true, axis=0, keepdims=True)
+    da = da + gh * dt
+    rows.put_rowsum(refs["dB"], t, dh * (dt * u))
+    if cfg.softplus:
+      ddt = ddt * jax.nn.sigmoid(dt_raw)
+    db = db + ddt
+    refs["du"][pl.ds(t, 1), :] = du.astype(refs["du"].dtype)
+    refs["ddelta"][pl.ds(t, 1), :] = ddt.astype(refs["ddelta"].dtype)
+    return dh * a, da, dd, db
+
+  return jax.lax.fori_loop(0, cfg.chunk, body, carry)
+
+
+_FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias")
+_FWD_OUT = ("y", "last", "states")
+_BWD_IN = _FWD_IN + ("states", "dy", "dlast")
+_BWD_OUT = ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC")
+
+
+def _named(names, refs):
+  return dict(zip(names, refs))
+
+
+def _fwd_kernel(cfg, nc, *refs):
+  n_in = len(_FWD_IN) - (0 if cfg.has_z else 1)
+  in_names = [k for k in _FWD_IN if cfg.has_z or k != "z"]
+  r = _named(in_names, refs[:n_in])
+  r.update(_named(_FWD_OUT, refs[n_in:n_in + 3]))
+  a2 = r["A"][...] * LOG2E  # exp(dt*A) = exp2(dt*A*log2 e)
+  dvec, bias = r["D"][...], r["bias"][...]
+  rows = _Rows(cfg, a2.shape[0])
+  if cfg.backend == "gpu":
+
+    def chunk(c, h):
+      r["states"][c] = h
+      return _fwd_chunk(cfg, rows, r, h, a2, dvec, bias, c * cfg.chunk)
+
+    h = jax.lax.fori_loop(0, nc, chunk, jnp.zeros(a2.shape, F32))
+    r["last"][...] = h
+    return
+  (h_scr,) = refs[n_in + 3:]
+  c = pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    h_scr[...] = jnp.zeros(a2.shape, F32)
+
+  h = h_scr[...]
+  r["states"][...] = h
+  h = _fwd_chunk(cfg, rows, r, h, a2, dvec, bias, 0)
+  h_scr[...] = h
+
+  @pl.when(c == nc - 1)
+  def _():
+    r["last"][...] = h
+
+
+def _bwd_kernel(cfg, nc, *refs):
+  in_names = [k for k in _BWD_IN if cfg.has_z or k != "z"]
+  out_names = [k for k in _BWD_OUT if cfg.has_z or k != "dz"]
+  n_in, n_out = len(in_names), len(out_names)
+  r = _named(in_names, refs[:n_in])
+  r.update(_named(out_names, refs[n_in:n_in + n_out]))
+  extra = refs[n_in + n_out:]
+  a_true = r["A"][...]
+  a2 = a_true * LOG2E
+  dvec, bias = r["D"][...], r["bias"][...]
+  rows = _Rows(cfg, a2.shape[0])
+  row0 = jnp.zeros(dvec.shape, F32)
+  fwd_refs = dict(r)
+  if cfg.backend == "gpu":
+    (work,) = extra
+
+    def chunk(k, carry):
+      c = nc - 1 - k
+      t0 = c * cfg.chunk
+      _fwd_chunk(cfg, rows, fwd_refs, r["states"][c], a2, dvec, bias, t0,
+                 write_y=False, work=work)
+      return _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
+                        t0)
+
+    init = (r["dlast"][...], jnp.zeros(a2.shape, F32), row0, row0)
+    _, da, dd, db = jax.lax.fori_loop(0, nc, chunk, init)
+    r["dA"][...] = da
+    r["dD"][...] = dd
+    r["dbias"][...] = db
+    return
+  dh_scr, work = extra
+  k = pl.program_id(2)
+
+  @pl.when(k == 0)
+  def _():
+    dh_scr[...] = r["dlast"][...]
+    r["dA"][...] = jnp.zeros(a2.shape, F32)
+    r["dD"][...] = row0
+    r["dbias"][...] = row0
+
+  _fwd_chunk(cfg, rows, fwd_refs, r["states"][...], a2, dvec, bias, 0,
+             write_y=False, work=work)
+  carry = (dh_scr[...], jnp.zeros(a2.shape, F32), row0, row0)
+  dh, da, dd, db = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec,
+                              bias, 0)
+  dh_scr[...] = dh
+  r["dA"][...] += da
+  r["dD"][...] += dd
+  r["dbias"][...] += db
+
+
+def _spec(shape, index_map):
+  return pl.BlockSpec(shape, index_map)
+
+
+def _compiler_params(cfg):
+  if cfg.interpret:
+    return None
+  if cfg.backend == "gpu":
+    return _backend.gpu_params(cfg.num_warps, cfg.num_stages)
+  return _backend.tpu_params("parallel", "parallel", "arbitrary")
+
+
+def _specs(cfg, dims, reverse=False):
+  """BlockSpecs by role; dims = (batch, Lp, Dp, Np, G, nc, tiles_per_group)."""
+  bsz, lp, dp, np_, _, nc, tpg = dims
+  bd, tc = cfg.block_d, cfg.chunk
+  if cfg.backend == "gpu":
+    return dict(
+        grid=(bsz, dp // bd),
+        seq=_spec((None, lp, bd), lambda b, j: (b, 0, j)),
+        mat=_spec((np_, bd), lambda b, j: (0, j)),
+        bc=_spec((None, None, lp, np_), lambda b, j: (b, j // tpg, 0, 0)),
+        vec=_spec((1, bd), lambda b, j: (0, j)),
+        state=_spec((None, np_, bd), lambda b, j: (b, 0, j)),
+        states=_spec((None, nc, np_, bd), lambda b, j: (b, 0, 0, j)),
+        pvec=_spec((None, 1, bd), lambda b, j: (b, 0, j)),
+        pbc=_spec((None, None, lp, np_), lambda b, j: (b, j, 0, 0)),
+        work=_spec((None, tc, np_, bd), lambda b, j: (b, 0, 0, j)),
+    )
+  # TPU: the chunk axis is the sequential third grid axis; the backward
+  # walks it in reverse through the index maps.
+  ch = (lambda k: nc - 1 - k) if reverse else (lambda k: k)
+  return dict(
+      grid=(bsz, dp // bd, nc),
+      seq=_spec((None, tc, bd), lambda b, j, k: (b, ch(k), j)),
+      mat=_spec((np_, bd), lambda b, j, k: (0, j)),
+      bc=_spec((None, None, tc, np_),
+               lambda b, j, k: (b, j // tpg, ch(k), 0)),
+      vec=_spec((1, bd), lambda b, j, k: (0, j)),
+      state=_spec((None, np_, bd), lambda b, j, k: (b, 0, j)),
+      states=_spec((None, None, np_, bd), lambda b, j, k: (b, ch(k), 0, j)),
+      pvec=_spec((None, 1, bd), lambda b, j, k: (b, 0, j)),
+      pbc=_spec((None, None, tc, np_), lambda b, j, k: (b, j, ch(k), 0)),
+  )
+
+
+def _dims(cfg, u, B):
+  bsz, lp, dp = u.shape
+  _, g, _, np_ = B.shape
+  return (bsz, lp, dp, np_, g, lp // cfg.chunk, dp // g // cfg.block_d)
+
+
+def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
+  """Padded-layout forward: returns y, last state and boundary states."""
+  dims = _dims(cfg, u, B)
+  bsz, lp, dp, np_, _, nc, _ = dims
+  s = _specs(cfg, dims)
+  args = [u, delta] + ([z] if cfg.has_z else []) + [A, B, C, D, bias]
+  in_specs = [s["seq"], s["seq"]] + ([s["seq"]] if cfg.has_z else [])
+  in_specs += [s["mat"], s["bc"], s["bc"], s["vec"], s["vec"]]
+  out_shape = (jax.ShapeDtypeStruct(u.shape, u.dtype),
+               jax.ShapeDtypeStruct((bsz, np_, dp), F32),
+               jax.ShapeDtypeStruct((bsz, nc, np_, dp), F32))
+  scratch = ([] if cfg.backend == "gpu" else
+             [pltpu.VMEM((np_, cfg.block_d), F32)])
+  return pl.pallas_call(
+      lambda *refs: _fwd_kernel(cfg, nc, *refs),
+      out_shape=out_shape,
+      grid=s["grid"],
+      in_specs=in_specs,
+      out_specs=(s["seq"], s["state"], s["states"]),
+      scratch_shapes=scratch,
+      interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg),
+      name="selective_scan_fwd",
+  )(*args)
+
+
+def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
+  """Padded-layout backward.
+
+  Returns du, ddelta, dz (None without z), per-batch partial dA (batch, Np,
+  Dp), dD and dbias (batch, 1, Dp), and per-channel-tile partial dB and dC
+  (batch, tiles, Lp, Np); the caller sums the partials (no atomics).
+  """
+  dims = _dims(cfg, u, B)
+  bsz, lp, dp, np_, _, nc, _ = dims
+  nt = dp // cfg.block_d
+  s = _specs(cfg, dims, reverse=True)
+  args = [u, delta] + ([z] if cfg.has_z else [])
+  args += [A, B, C, D, bias, states, dy, dlast]
+  in_specs = [s["seq"], s["seq"]] + ([s["seq"]] if cfg.has_z else [])
+  in_specs += [s["mat"], s["bc"], s["bc"], s["vec"], s["vec"], s["states"],
+               s["seq"], s["state"]]
+  sds = jax.ShapeDtypeStruct
+  out_shape = [sds(u.shape, u.dtype), sds(delta.shape, delta.dtype)]
+  out_specs = [s["seq"], s["seq"]]
+  if cfg.has_z:
+    out_shape.append(sds(z.shape, z.dtype))
+    out_specs.append(s["seq"])
+  out_shape += [sds((bsz, np_, dp), F32), sds((bsz, 1, dp), F32),
+                sds((bsz, 1, dp), F32), sds((bsz, nt, lp, np_), F32),
+                sds((bsz, nt, lp, np_), F32)]
+  out_specs += [s["state"], s["pvec"], s["pvec"], s["pbc"], s["pbc"]]
+  if cfg.backend == "gpu":
+    # Triton has no scratch: the recomputed per-chunk states go to HBM
+    # (per program, so it stays mostly in L2).
+    out_shape.append(sds((bsz, cfg.chunk, np_, dp), F32))
+    out_specs.append(s["work"])
+    scratch = []
+  else:
+    scratch = [pltpu.VMEM((np_, cfg.block_d), F32),
+               pltpu.VMEM((cfg.chunk, np_, cfg.block_d), F32)]
+  outs = pl.pallas_call(
+      lambda *refs: _bwd_kernel(cfg, nc, *refs),
+      out_shape=tuple(out_shape),
+      grid=s["grid"],
+      in_specs=in_specs,
+      out_specs=tuple(out_specs),
+      scratch_shapes=scratch,
+      interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg),
+      name="selective_scan_bwd",
+  )(*args)
+  outs = list(outs)
+  du, ddelta = outs[:2]
+  dz = outs[2] if cfg.has_z else None
+  rest = outs[3 if cfg.has_z else 2:]
+  return (du, ddelta, dz) + tuple(rest[:5])

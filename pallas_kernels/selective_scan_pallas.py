@@ -1,0 +1,172 @@
+"""custom_vjp wrapper around the selective-scan Pallas kernels.
+
+Pads the public channels-last arrays into the kernels' layout (see
+selective_scan_kernels.py), runs the forward kernel saving chunk-boundary
+states, and in the backward sums the per-program partial gradients in JAX
+(deterministic; no atomics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import selective_scan_kernels as k
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tuning knobs.
+
+  Attributes:
+    block_d: channels per program on GPU (power of two); TPU always uses 128
+      (the lane width).
+    chunk: timesteps between saved boundary states, and the length of the
+      backward's recompute window. A multiple of 8 (TPU sublanes).
+    num_warps: Triton warps per program.
+    num_stages: Triton pipeline stages.
+  """
+  block_d: int = 64
+  chunk: int = 64
+  num_warps: int = 4
+  num_stages: int = 1
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    return cls()
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def make_config(backend, interpret, softplus, has_z, dim, groups, block_sizes):
+  """Picks the per-backend tile sizes for a problem."""
+  bs = block_sizes or BlockSizes.get_default()
+  per_group = dim // groups
+  if backend == "tpu":
+    block_d = 128  # lane multiple; channels are padded per group to it
+  else:
+    block_d = min(bs.block_d, pl.next_power_of_2(per_group))
+  return k.Config(backend=backend, interpret=interpret, softplus=softplus,
+                  has_z=has_z, block_d=block_d, chunk=bs.chunk,
+                  num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+class _Layout:
+  """Padding between the public and the kernel layouts."""
+
+  def __init__(self, cfg, u, B):
+    self.bsz, self.length, self.dim = u.shape
+    self.groups, self.state = B.shape[2:]
+    self.per_group = self.dim // self.groups
+    self.gp = _round_up(self.per_group, cfg.block_d)
+    self.lp = _round_up(self.length, cfg.chunk)
+    self.np = pl.next_power_of_2(self.state)
+
+  def seq(self, x):
+    """(b, L, D) -> (b, Lp, Dp): zeros before time 0, per-group channels."""
+    b, L, g = self.bsz, self.length, self.groups
+    x = x.reshape(b, L, g, self.per_group)
+    x = jnp.pad(x, ((0, 0), (self.lp - L, 0), (0, 0),
+                    (0, self.gp - self.per_group)))
+    return x.reshape(b, self.lp, g * self.gp)
+
+  def unseq(self, x):
+    x = x.reshape(self.bsz, self.lp, self.groups, self.gp)
+    x = x[:, self.lp - self.length:, :, :self.per_group]
+    return x.reshape(self.bsz, self.length, self.dim)
+
+  def chan(self, x):
+    """(..., D) -> (..., Dp) per-group zero padding of the channel axis."""
+    lead = x.shape[:-1]
+    x = x.reshape(lead + (self.groups, self.per_group))
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0),
+                                            (0, self.gp - self.per_group)])
+    return x.reshape(lead + (self.groups * self.gp,))
+
+  def unchan(self, x):
+    lead = x.shape[:-1]
+    x = x.reshape(lead + (self.groups, self.gp))[..., :self.per_group]
+    return x.reshape(lead + (self.dim,))
+
+  def bc(self, x):
+    """(b, L, G, N) -> (b, G, Lp, Np)."""
+    x = jnp.transpose(x, (0, 2, 1, 3))
+    return jnp.pad(x, ((0, 0), (0, 0), (self.lp - self.length, 0),
+                       (0, self.np - self.state)))
+
+  def unbc(self, x):
+    """(b, G, Lp, Np) -> (b, L, G, N)."""
+    x = x[:, :, self.lp - self.length:, :self.state]
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+  def mat(self, a):
+    """A (D, N) -> (Np, Dp) f32."""
+    a = jnp.pad(a.astype(F32), ((0, 0), (0, self.np - self.state)))
+    return self.chan(a.T)
+
+  def unmat(self, a):
+    return self.unchan(a)[:self.state].T
+
+
+def _prepare(cfg, u, delta, A, B, C, D, z, bias):
+  lay = _Layout(cfg, u, B)
+  # Mosaic handles 32-bit rows most simply; the GPU kernel reads the
+  # caller's dtype directly (bf16 halves its HBM traffic).
+  cast = (lambda x: x.astype(F32)) if cfg.backend == "tpu" else (lambda x: x)
+  args = (cast(lay.seq(u)), cast(lay.seq(delta)),
+          cast(lay.seq(z)) if cfg.has_z else None, lay.mat(A),
+          cast(lay.bc(B)), cast(lay.bc(C)),
+          lay.chan(D.astype(F32))[None], lay.chan(bias.astype(F32))[None])
+  return lay, args
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scan(cfg, u, delta, A, B, C, D, z, bias):
+  """Returns (y (b, L, D) in u.dtype, last state (b, D, N) f32)."""
+  out, _ = _scan_fwd(cfg, u, delta, A, B, C, D, z, bias)
+  return out
+
+
+def _scan_fwd(cfg, u, delta, A, B, C, D, z, bias):
+  lay, args = _prepare(cfg, u, delta, A, B, C, D, z, bias)
+  y, last, states = k.forward(cfg, *args)
+  y = lay.unseq(y).astype(u.dtype)
+  last = jnp.swapaxes(lay.unchan(last)[:, :lay.state], 1, 2)
+  return (y, last), (u, delta, A, B, C, D, z, bias, states)
+
+
+def _scan_bwd(cfg, res, cts):
+  *inputs, states = res
+  u, delta, A, B, C, D, z, bias = inputs
+  dy, dlast = cts
+  lay, args = _prepare(cfg, *inputs)
+  dy = lay.seq(dy.astype(u.dtype))
+  if cfg.backend == "tpu":
+    dy = dy.astype(F32)
+  dlast = lay.chan(jnp.pad(jnp.swapaxes(dlast.astype(F32), 1, 2),
+                           ((0, 0), (0, lay.np - lay.state), (0, 0))))
+  du, ddelta, dz, da, dd, db, dbp, dcp = k.backward(
+      cfg, *args, states, dy, dlast)
+  # Deterministic reductions of the per-program partials: the channel tiles
+  # of each group hold partial dB/dC; batches hold partial dA/dD/dbias.
+  tpg = lay.gp // cfg.block_d
+  split = (lay.bsz, lay.groups, tpg, lay.lp, lay.np)
+  dbp = lay.unbc(dbp.reshape(split).sum(axis=2)).astype(B.dtype)
+  dcp = lay.unbc(dcp.reshape(split).sum(axis=2)).astype(C.dtype)
+  return (lay.unseq(du).astype(u.dtype),
+          lay.unseq(ddelta).astype(delta.dtype),
+          lay.unmat(da.sum(axis=0)).astype(A.dtype),
+          dbp, dcp,
+          lay.unchan(dd.sum(axis=(0, 1))).astype(D.dtype),
+          None if z is None else lay.unseq(dz).astype(z.dtype),
+          lay.unchan(db.sum(axis=(0, 1))).astype(bias.dtype))
+
+
+scan.defvjp(_scan_fwd, _scan_bwd)
