@@ -188,13 +188,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                z=zs[0] if zs else None,
                delta_bias=None if delta_bias is None else bias_)
 
-  kernel = functools.partial(_pallas, softplus=delta_softplus,
-                             block_sizes=block_sizes)
+  def kernel(backend, interpret):
+    return functools.partial(_pallas, backend, interpret, delta_softplus,
+                             block_sizes)
+
   run = _backend.select(
-      impl, reference=reference,
-      gpu=functools.partial(kernel, "gpu", False),
-      tpu=functools.partial(kernel, "tpu", False),
-      interpret=functools.partial(kernel, "gpu", True))
+      impl, reference=reference, gpu=kernel("gpu", False),
+      tpu=kernel("tpu", False), interpret=kernel("gpu", True))
   args = (u, delta, A, B, C, d_arr, b_arr) + (() if z is None else (z,))
   y, last = run(*args)
   return (y, last) if return_last_state else y
