@@ -4,3 +4,4 @@ Each kernel is differentiable (jax.custom_vjp), has a pure-jnp reference, and
 takes impl="auto" | "pallas" | "reference" (see _backend.py).
 """
 from pallas_kernels.linear_attention import linear_attention
+from pallas_kernels.selective_scan import selective_scan

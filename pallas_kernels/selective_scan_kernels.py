@@ -45,6 +45,8 @@ class Config:
   chunk: int  # timesteps per chunk (boundary-state spacing)
   num_warps: int = 4
   num_stages: int = 1
+  unroll: int = 1  # timesteps per loop iteration (divides chunk)
+  poison: bool = False  # tests: outputs start as NaN (aliased inputs)
 
 
 class _Rows:
@@ -101,7 +103,7 @@ def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
                work=None):
   """Runs cfg.chunk timesteps from h; optionally stores y or pre-states."""
 
-  def body(i, h):
+  def step(i, h):
     t = t0 + i
     if work is not None:
       work[i] = h  # state before step i, for the backward
@@ -115,15 +117,31 @@ def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
       refs["y"][pl.ds(t, 1), :] = y.astype(refs["y"].dtype)
     return h
 
-  return jax.lax.fori_loop(0, cfg.chunk, body, h)
+  return _unrolled_loop(cfg, step, h)
+
+
+def _unrolled_loop(cfg, step, carry, reverse=False):
+  """fori_loop over the chunk, cfg.unroll steps per iteration.
+
+  Unrolling by hand (Pallas rejects scan unroll) lets the compiler issue
+  the next timesteps' loads, which do not depend on the carry, early.
+  """
+  n = cfg.unroll
+
+  def body(k, carry):
+    for s in range(n):
+      i = k * n + s
+      carry = step(cfg.chunk - 1 - i if reverse else i, carry)
+    return carry
+
+  return jax.lax.fori_loop(0, cfg.chunk // n, body, carry)
 
 
 def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
   """Reverse time loop over one chunk given its recomputed pre-states."""
 
-  def body(k, carry):
+  def step(i, carry):
     dh, da, dd, db = carry
-    i = cfg.chunk - 1 - k
     t = t0 + i
     h_prev = work[i]
     u, dt, dt_raw, b, c = _step_inputs(cfg, rows, refs, t, bias)
@@ -153,7 +171,7 @@ def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
     refs["ddelta"][pl.ds(t, 1), :] = ddt.astype(refs["ddelta"].dtype)
     return dh * a, da, dd, db
 
-  return jax.lax.fori_loop(0, cfg.chunk, body, carry)
+  return _unrolled_loop(cfg, step, carry, reverse=True)
 
 
 _FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias")
@@ -272,7 +290,8 @@ def _specs(cfg, dims, reverse=False):
         grid=(bsz, dp // bd),
         seq=_spec((None, lp, bd), lambda b, j: (b, 0, j)),
         mat=_spec((np_, bd), lambda b, j: (0, j)),
-        bc=_spec((None, None, lp, np_), lambda b, j: (b, jax.lax.div(j, tpg), 0, 0)),
+        bc=_spec((None, None, lp, np_),
+                 lambda b, j: (b, jax.lax.div(j, tpg), 0, 0)),
         vec=_spec((1, bd), lambda b, j: (0, j)),
         state=_spec((None, np_, bd), lambda b, j: (b, 0, j)),
         states=_spec((None, nc, np_, bd), lambda b, j: (b, 0, 0, j)),
@@ -297,6 +316,36 @@ def _specs(cfg, dims, reverse=False):
   )
 
 
+def _call(cfg, kernel, grid, args, in_specs, out_shape, out_specs, scratch,
+          name):
+  """Named pallas_call.
+
+  With cfg.poison every output starts as NaN (an aliased input), so a test
+  can prove that the kernel writes each element.
+  """
+  n_args, n_out = len(args), len(out_shape)
+  aliases = {}
+  body = kernel
+  if cfg.poison:
+    args = list(args) + [jnp.full(o.shape, jnp.nan, o.dtype)
+                         for o in out_shape]
+    in_specs = list(in_specs) + list(out_specs)
+    aliases = {n_args + i: i for i in range(n_out)}
+    body = lambda *r: kernel(*(r[:n_args] + r[n_args + n_out:]))
+  return pl.pallas_call(
+      body,
+      out_shape=tuple(out_shape),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=tuple(out_specs),
+      scratch_shapes=scratch,
+      input_output_aliases=aliases,
+      interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg),
+      name=name,
+  )(*args)
+
+
 def _dims(cfg, u, B):
   bsz, lp, dp = u.shape
   _, g, _, np_ = B.shape
@@ -316,17 +365,10 @@ def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
                jax.ShapeDtypeStruct((bsz, nc, np_, dp), F32))
   scratch = ([] if cfg.backend == "gpu" else
              [pltpu.VMEM((np_, cfg.block_d), F32)])
-  return pl.pallas_call(
-      lambda *refs: _fwd_kernel(cfg, nc, *refs),
-      out_shape=out_shape,
-      grid=s["grid"],
-      in_specs=in_specs,
-      out_specs=(s["seq"], s["state"], s["states"]),
-      scratch_shapes=scratch,
-      interpret=cfg.interpret,
-      compiler_params=_compiler_params(cfg),
-      name="selective_scan_fwd",
-  )(*args)
+  kernel = lambda *refs: _fwd_kernel(cfg, nc, *refs)
+  return _call(cfg, kernel, s["grid"], args, in_specs, out_shape,
+               (s["seq"], s["state"], s["states"]), scratch,
+               "selective_scan_fwd")
 
 
 def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
@@ -364,17 +406,9 @@ def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
   else:
     scratch = [pltpu.VMEM((np_, cfg.block_d), F32),
                pltpu.VMEM((cfg.chunk, np_, cfg.block_d), F32)]
-  outs = pl.pallas_call(
-      lambda *refs: _bwd_kernel(cfg, nc, *refs),
-      out_shape=tuple(out_shape),
-      grid=s["grid"],
-      in_specs=in_specs,
-      out_specs=tuple(out_specs),
-      scratch_shapes=scratch,
-      interpret=cfg.interpret,
-      compiler_params=_compiler_params(cfg),
-      name="selective_scan_bwd",
-  )(*args)
+  kernel = lambda *refs: _bwd_kernel(cfg, nc, *refs)
+  outs = _call(cfg, kernel, s["grid"], args, in_specs, out_shape, out_specs,
+               scratch, "selective_scan_bwd")
   outs = list(outs)
   du, ddelta = outs[:2]
   dz = outs[2] if cfg.has_z else None

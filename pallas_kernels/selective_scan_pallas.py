@@ -30,11 +30,14 @@ class BlockSizes:
       backward's recompute window. A multiple of 8 (TPU sublanes).
     num_warps: Triton warps per program.
     num_stages: Triton pipeline stages.
+    unroll: timesteps per time-loop iteration (divides chunk); lets the
+      compiler issue loads of later steps while the state update runs.
   """
   block_d: int = 64
   chunk: int = 64
   num_warps: int = 4
   num_stages: int = 1
+  unroll: int = 4
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -48,6 +51,12 @@ def _round_up(x, m):
 def make_config(backend, interpret, softplus, has_z, dim, groups, block_sizes):
   """Picks the per-backend tile sizes for a problem."""
   bs = block_sizes or BlockSizes.get_default()
+  if bs.chunk % 8 or bs.chunk % bs.unroll:
+    raise ValueError(f"block_sizes.chunk ({bs.chunk}) must be a multiple of "
+                     f"8 and of unroll ({bs.unroll})")
+  if bs.block_d & (bs.block_d - 1):
+    raise ValueError(f"block_sizes.block_d must be a power of two, got "
+                     f"{bs.block_d}")
   per_group = dim // groups
   if backend == "tpu":
     block_d = 128  # lane multiple; channels are padded per group to it
@@ -55,7 +64,8 @@ def make_config(backend, interpret, softplus, has_z, dim, groups, block_sizes):
     block_d = min(bs.block_d, pl.next_power_of_2(per_group))
   return k.Config(backend=backend, interpret=interpret, softplus=softplus,
                   has_z=has_z, block_d=block_d, chunk=bs.chunk,
-                  num_warps=bs.num_warps, num_stages=bs.num_stages)
+                  num_warps=bs.num_warps, num_stages=bs.num_stages,
+                  unroll=bs.unroll)
 
 
 class _Layout:
