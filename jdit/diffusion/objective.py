@@ -1,0 +1,79 @@
+"""The Objective base class: what the trainer and sample.py call."""
+import jax.numpy as jnp
+
+from jdit.diffusion import guidance as guidance_lib
+
+
+class Objective:
+  """A training objective with its samplers (one subclass per objective).
+
+  Subclasses set ``name``, ``samplers``, ``default_sampler``,
+  ``default_steps`` and ``sampler_options`` (per sampler, the allowed keyword
+  options and their defaults), and implement ``model_time``, ``loss`` and
+  ``_sample``.
+  """
+  name: str = ""
+  samplers: tuple[str, ...] = ()
+  default_sampler: str = ""
+  default_steps: int = 1
+  sampler_options: dict[str, dict] = {}
+
+  def model_time(self, t) -> jnp.ndarray:
+    """Maps the objective's time to the network's ``t`` input."""
+    raise NotImplementedError
+
+  def loss(self, model_fn, x0, key, y=None):
+    """Returns ``(scalar mean loss, dict of scalar metrics)``."""
+    raise NotImplementedError
+
+  def _sample(self, model_fn, noise, key, y, sampler, steps, guidance,
+              options):
+    raise NotImplementedError
+
+  def check_sampler(self, sampler=None, steps=None, options=None):
+    """Validates sampler arguments; returns ``(sampler, steps, options)``.
+
+    ``options`` come back merged over this sampler's defaults.
+    """
+    sampler = self.default_sampler if sampler is None else sampler
+    if sampler not in self.samplers:
+      raise ValueError(
+          f"Unknown sampler {sampler!r} for objective {self.name!r}; "
+          f"allowed: {self.samplers}.")
+    steps = self.default_steps if steps is None else steps
+    if int(steps) != steps or steps < 1:
+      raise ValueError(f"steps must be an integer >= 1, got {steps}.")
+    allowed = self.sampler_options[sampler]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+      raise ValueError(
+          f"Unknown options {unknown} for sampler {sampler!r}; allowed: "
+          f"{tuple(allowed)}.")
+    return sampler, int(steps), {**allowed, **options}
+
+  def sample(self, model_fn, noise, key, *, y=None, sampler=None, steps=None,
+             guidance=None, **sampler_options):
+    """Draws samples by integrating from ``noise`` to data.
+
+    Jittable with ``model_fn``, ``sampler``, ``steps``, ``guidance`` and the
+    options static; the loop is a ``lax.scan`` (compiled once, not per step).
+
+    Args:
+      model_fn: ``(x, t_model, y) -> (B, H, W, C_out)``.
+      noise: ``(B, H, W, C)`` standard normal, the t = 1 state.
+      key: PRNG key for stochastic samplers (unused by deterministic ones).
+      y: ``(B,)`` int labels or None.
+      sampler: one of ``self.samplers`` (default ``self.default_sampler``).
+      steps: number of steps (default ``self.default_steps``), >= 1.
+      guidance: None, a float CFG scale, or a ``Guidance``.
+      **sampler_options: per-sampler options, see ``self.sampler_options``.
+
+    Returns:
+      Samples with the shape of ``noise``, float32.
+    """
+    sampler, steps, options = self.check_sampler(sampler, steps,
+                                                 sampler_options)
+    guidance = guidance_lib.check_guidance(guidance)
+    return self._sample(model_fn, jnp.asarray(noise, jnp.float32), key, y,
+                        sampler, steps, guidance, options)
