@@ -5,3 +5,4 @@ takes impl="auto" | "pallas" | "reference" (see _backend.py).
 """
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.local_attention import local_attention
