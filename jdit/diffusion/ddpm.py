@@ -87,9 +87,10 @@ class DDPM(objective.Objective):
       batch means of its terms ("mse", plus "vb" with learned sigma).
     """
     x0 = jnp.asarray(x0, jnp.float32)
-    key_t, key_n = jax.random.split(key)
-    t = jax.random.randint(key_t, (x0.shape[0],), 0, self.num_timesteps)
-    noise = jax.random.normal(key_n, x0.shape, jnp.float32)
+    # `key`: one key, or (B,) per-example keys (see draw_time_and_noise).
+    t, noise = objective.draw_time_and_noise(
+        key, lambda k, n: jax.random.randint(k, (n,), 0, self.num_timesteps),
+        x0.shape)
     x_t = self.diffusion.q_sample(x0, t, noise)
     out = model_fn(x_t, self.model_time(t), y).astype(jnp.float32)
     terms = self.diffusion.training_losses(out, x0, x_t, t, noise)

@@ -77,3 +77,34 @@ class Objective:
     guidance = guidance_lib.check_guidance(guidance)
     return self._sample(model_fn, jnp.asarray(noise, jnp.float32), key, y,
                         sampler, steps, guidance, options)
+
+
+def draw_time_and_noise(key, draw_time, shape):
+  """Draws training times and noise for a batch of shape `shape`.
+
+  Args:
+    key: one PRNG key (the whole batch drawn at once) or a (B,) array of
+      keys, one per example: then example i's draws depend only on key i, so
+      a trainer can split a batch into micro-batches (gradient accumulation)
+      or over devices without changing any random number.
+    draw_time: (key, n) -> (n,) times.
+    shape: the batch shape (B, ...).
+
+  Returns:
+    (t of shape (B,), noise of shape `shape`, float32).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.ndim == 0:
+    key_t, key_n = jax.random.split(key)
+    return (draw_time(key_t, shape[0]),
+            jax.random.normal(key_n, shape, jnp.float32))
+  if key.shape != shape[:1]:
+    raise ValueError(f"per-example keys must have shape {shape[:1]}, got "
+                     f"{key.shape}")
+  pairs = jax.vmap(jax.random.split)(key)
+  t = jax.vmap(lambda k: draw_time(k, 1)[0])(pairs[:, 0])
+  noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(
+      pairs[:, 1])
+  return t, noise
