@@ -5,3 +5,4 @@ from jdit.models import dit  # registers the DiT family
 
 __all__ = ["MIXERS", "MODELS", "build_model", "register_mixer",
            "register_model"]
+from jdit.models import moe, moe_models  # registers "moe" and DiT-MoE-*

@@ -43,6 +43,9 @@ EXPERT_AXIS = "expert"
 # Mesh axes the token batch is split over inside the expert shard_map.
 BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)
 TENSOR_AXIS = "tensor"
+# Names of the stacked (per-expert) parameters.
+ROUTED_PARAMS = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias",
+                 "gate_kernel", "up_kernel", "down_kernel")
 
 
 def capacity(tokens_per_group: int, num_experts: int, top_k: int,
