@@ -1,0 +1,187 @@
+"""`python -m jdit.convert {dit,vae}`: PyTorch checkpoints -> jdit checkpoints.
+
+  python -m jdit.convert dit --checkpoint DiT-XL-2-256x256.pt \
+      --model DiT-XL/2 [--image_size 256] [--vae sd-vae-ft-ema/] --out DIR
+  python -m jdit.convert vae \
+      --checkpoint diffusion_pytorch_model.safetensors --out DIR
+
+`dit` writes a checkpoint that `python sample.py --checkpoint DIR` loads (the
+converted weights as EMA params, the config of configs/dit_imagenet256.py
+with this model); with --vae the VAE is converted too, into DIR/vae, and the
+config points at it. `vae` writes vae_config.json + params.msgpack, which
+`jdit.vae.load_vae` reads. Output appears atomically: everything is written
+into a temporary directory beside DIR, which is renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+
+import ml_collections
+
+from jdit import convert, convert_vae, vae as vae_lib
+from jdit.models import build_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIGS = ("dit_imagenet256.py", "default.py")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str):
+  """Yields a temporary directory that becomes `out` on success."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"--out {out} exists and is not empty")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty, checked above
+    os.rename(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """configs/dit_imagenet256.py's get_config() (default.py if absent)."""
+  for name in BASE_CONFIGS:
+    path = os.path.join(REPO_ROOT, "configs", name)
+    if os.path.isfile(path):
+      spec = importlib.util.spec_from_file_location(f"_jdit_cfg_{name[:-3]}",
+                                                    path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config()
+  raise FileNotFoundError(f"no base config {BASE_CONFIGS} under "
+                          f"{REPO_ROOT}/configs")
+
+
+def sampling_config(name: str, model, vae_path: str | None,
+                    scale_factor: float) -> ml_collections.ConfigDict:
+  """The base recipe's config, with model.* describing `model` exactly."""
+  config = base_config()
+  with config.unlocked():
+    old = config.get("model", ml_collections.ConfigDict())
+    config.model = ml_collections.ConfigDict()
+    config.model.name = name
+    # Keep every model field the recipe sets, but with the converted model's
+    # value, so that overrides in the recipe cannot contradict the weights.
+    for key in list(old.keys()) + ["input_size", "in_channels",
+                                   "num_classes", "learn_sigma"]:
+      if key == "name" or not hasattr(model, key):
+        continue
+      value = getattr(model, key)
+      if key in ("dtype", "param_dtype"):
+        value = old.get(key, "float32")
+      elif isinstance(value, tuple):
+        value = list(value)
+      config.model[key] = value
+    config.objective = "ddpm"
+    if model.in_channels == 3 and vae_path is None:
+      if "vae" in config:
+        del config["vae"]
+    else:
+      config.vae = ml_collections.ConfigDict(
+          {"path": vae_path or "", "scale_factor": scale_factor})
+  return config
+
+
+def convert_dit(args) -> str:
+  sd = convert.load_state_dict(args.checkpoint)
+  overrides = {}
+  for key in ("in_channels", "num_classes", "input_size"):
+    if getattr(args, key) is not None:
+      overrides[key] = getattr(args, key)
+  if args.learn_sigma is not None:
+    overrides["learn_sigma"] = args.learn_sigma == "true"
+  vae_model = vae_params = None
+  scale = args.scale_factor
+  if args.vae:
+    vae_model, vae_params, vae_scale = vae_lib.load_vae(args.vae)
+    scale = scale if scale is not None else vae_scale
+  if args.image_size is not None and "input_size" not in overrides:
+    factor = vae_model.downsample_factor if vae_model is not None else 8
+    if overrides.get("in_channels") == 3 and vae_model is None:
+      factor = 1  # a pixel-space model
+    if args.image_size % factor:
+      raise ValueError(f"--image_size {args.image_size} is not divisible by "
+                       f"the VAE factor {factor}")
+    overrides["input_size"] = args.image_size // factor
+  overrides = convert.resolve_dit_overrides(sd, args.model, **overrides)
+  params = convert.dit_params_from_torch(sd, args.model, **overrides)
+  model = build_model(args.model, **overrides)
+  from jdit import checkpoint  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(os.path.expanduser(args.out))
+  with atomic_directory(out) as tmp:
+    vae_path = None
+    if vae_model is not None:
+      os.makedirs(os.path.join(tmp, "vae"))
+      vae_lib.save_vae(os.path.join(tmp, "vae"),
+                       vae_model.replace(scale_factor=scale), vae_params)
+      vae_path = os.path.join(out, "vae")  # where it will be after rename
+    config = sampling_config(args.model, model, vae_path,
+                             scale if scale is not None
+                             else vae_lib.SD_VAE_SCALE_FACTOR)
+    checkpoint.save_for_sampling(tmp, params, config)
+  if model.in_channels != 3 and vae_model is None:
+    print(f"note: {args.model} is a latent model and no --vae was given; "
+          f"set vae.path in the config (or re-run with --vae) to decode "
+          f"samples", file=sys.stderr)
+  return out
+
+
+def convert_vae_cmd(args) -> str:
+  model, params = convert_vae.load_diffusers_vae(
+      args.checkpoint, scale_factor=args.scale_factor,
+      norm_num_groups=args.norm_num_groups)
+  with atomic_directory(args.out) as tmp:
+    vae_lib.save_vae(tmp, model, params)
+  return os.path.abspath(args.out)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m jdit.convert",
+      description="Convert PyTorch checkpoints to jdit checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  d = sub.add_parser("dit", help="official facebookresearch/DiT checkpoint")
+  d.add_argument("--checkpoint", required=True,
+                 help="DiT-XL-2-256x256.pt or a DiT train.py checkpoint")
+  d.add_argument("--model", required=True, help='e.g. "DiT-XL/2"')
+  d.add_argument("--image_size", type=int, default=None,
+                 help="image side (256 or 512); default: from pos_embed")
+  d.add_argument("--input_size", type=int, default=None,
+                 help="latent side; overrides --image_size")
+  d.add_argument("--in_channels", type=int, default=None)
+  d.add_argument("--num_classes", type=int, default=None)
+  d.add_argument("--learn_sigma", choices=("true", "false"), default=None)
+  d.add_argument("--vae", default=None,
+                 help="diffusers VAE (directory or weight file) or a "
+                      "directory from `jdit.convert vae`; copied to DIR/vae")
+  d.add_argument("--scale_factor", type=float, default=None,
+                 help="latent scale (default: the VAE's, 0.18215)")
+  d.add_argument("--out", required=True)
+  v = sub.add_parser("vae", help="diffusers AutoencoderKL weights")
+  v.add_argument("--checkpoint", required=True,
+                 help="diffusion_pytorch_model.safetensors/.bin or its "
+                      "directory")
+  v.add_argument("--norm_num_groups", type=int, default=None,
+                 help="GroupNorm groups (default: config.json's, else 32)")
+  v.add_argument("--scale_factor", type=float, default=None,
+                 help="latent scale (default: config.json's, else 0.18215)")
+  v.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    out = convert_dit(args) if args.command == "dit" else convert_vae_cmd(args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(out)
