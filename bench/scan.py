@@ -1,0 +1,165 @@
+"""Benchmark: Mamba-1 selective scan kernel vs the XLA baselines.
+
+Times `selective_scan(impl="pallas")` against the lax.scan reference and
+the associative-scan XLA path at typical DiT shapes, forward and
+forward+backward, and prints one JSON line per measurement.
+
+Roof bytes (the least HBM traffic any implementation needs):
+  forward: every input read once (u, delta, z, B, C, A, D, delta_bias) and
+    y written once;
+  forward+backward: the forward's bytes, plus every input read again, dy
+    read once and every gradient written once.
+GB/s = roof bytes / time; `copy_ratio` divides that by the device's copy
+bandwidth measured in the same run (2 x bytes / time of x + 1).
+
+  python bench/scan.py                 # GPU/TPU: the full table
+  python bench/scan.py --smoke         # tiny, any device (CPU: interpret)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selective_scan import BlockSizes
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan import selective_scan_associative
+from pallas_kernels.selective_scan import selective_scan_reference
+
+FULL_SHAPES = [(8, length, dim, 1, 16) for length in (1024, 4096)
+               for dim in (1536, 2304)]
+SMOKE_SHAPES = [(2, 40, 24, 1, 4)]
+
+
+def _time_ms(fn, args, iters):
+  """Median wall time of fn(*args) in ms, after a compile + warm-up."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes, iters):
+  """Device copy bandwidth: read + write of an nbytes f32 buffer."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  ms = _time_ms(jax.jit(lambda x: x + 1), (x,), iters)
+  return 2 * nbytes / ms / 1e6
+
+
+def make_inputs(shape, dtype):
+  b, length, dim, groups, state = shape
+  ks = jax.random.split(jax.random.PRNGKey(0), 8)
+  n = lambda k, s, dt=dtype: jax.random.normal(k, s, jnp.float32).astype(dt)
+  return (n(ks[0], (b, length, dim)), (0.5 * n(ks[1], (b, length, dim))),
+          -jnp.exp(n(ks[2], (dim, state), jnp.float32)),
+          n(ks[3], (b, length, groups, state)),
+          n(ks[4], (b, length, groups, state)),
+          n(ks[5], (dim,), jnp.float32), n(ks[6], (b, length, dim)),
+          n(ks[7], (dim,), jnp.float32))
+
+
+def roof_bytes(args, backward):
+  """Minimum HBM bytes (see the module docstring)."""
+  inputs = sum(x.size * x.dtype.itemsize for x in args)
+  y = args[0].size * args[0].dtype.itemsize
+  if not backward:
+    return inputs + y
+  # Forward, then re-read inputs + dy, write one gradient per input.
+  return (inputs + y) + (inputs + y) + inputs
+
+
+def _fns(block_sizes):
+  """name -> f(u, delta, A, B, C, D, z, bias) -> y."""
+
+  def wrap(scan, **extra):
+    def f(u, delta, A, B, C, D, z, bias):
+      return scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias,
+                  delta_softplus=True, **extra)
+    return f
+
+  return {
+      "pallas": wrap(selective_scan, impl="pallas", block_sizes=block_sizes),
+      "reference": wrap(selective_scan_reference),
+      "associative": wrap(selective_scan_associative),
+  }
+
+
+def _fwd_bwd(f):
+  def loss(*args):
+    return jnp.sum(f(*args).astype(jnp.float32))
+  return jax.grad(loss, argnums=tuple(range(8)))
+
+
+def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
+  device = jax.devices()[0]
+  fns = _fns(block_sizes)
+  for shape in shapes:
+    args = make_inputs(shape, dtype)
+    for backward in (False, True):
+      what = "fwd+bwd" if backward else "fwd"
+      nbytes = roof_bytes(args, backward)
+      times = {}
+      for name in impls:
+        f = _fwd_bwd(fns[name]) if backward else fns[name]
+        rec = dict(what=f"selective_scan {what}", impl=name,
+                   shape=dict(zip(("batch", "length", "dim", "groups",
+                                   "state"), shape)),
+                   dtype=jnp.dtype(dtype).name, device=device.device_kind,
+                   platform=device.platform, jax=jax.__version__)
+        if name == "pallas" and device.platform == "cpu":
+          rec["note"] = "interpret mode (no accelerator): not a kernel time"
+        try:
+          ms = _time_ms(jax.jit(f), args, iters)
+        except Exception as e:  # OOM etc.: report and keep going
+          rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+          print(json.dumps(rec), flush=True)
+          continue
+        times[name] = ms
+        gbs = nbytes / ms / 1e6
+        rec.update(ms=round(ms, 4), roof_bytes=nbytes, gbs=round(gbs, 2),
+                   copy_gbs=round(copy_gbs, 2),
+                   copy_ratio=round(gbs / copy_gbs, 4))
+        for base in ("reference", "associative"):
+          if base != name and base in times:
+            rec[f"speedup_vs_{base}"] = round(times[base] / ms, 3)
+        print(json.dumps(rec), flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny shapes, 2 iterations (runs on CPU)")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--shape", action="append", default=None,
+                 help="batch,length,dim,groups,state (repeatable)")
+  p.add_argument("--impls", default="reference,associative,pallas",
+                 help="comma list; baselines first so speedups can be "
+                 "computed")
+  p.add_argument("--block_d", type=int, default=BlockSizes.block_d)
+  p.add_argument("--chunk", type=int, default=BlockSizes.chunk)
+  p.add_argument("--num_warps", type=int, default=BlockSizes.num_warps)
+  p.add_argument("--num_stages", type=int, default=BlockSizes.num_stages)
+  p.add_argument("--unroll", type=int, default=BlockSizes.unroll)
+  a = p.parse_args()
+  if a.shape:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape]
+  else:
+    shapes = SMOKE_SHAPES if a.smoke else FULL_SHAPES
+  iters = 2 if a.smoke else a.iters
+  bs = BlockSizes(block_d=a.block_d, chunk=a.chunk, num_warps=a.num_warps,
+                  num_stages=a.num_stages, unroll=a.unroll)
+  copy_gbs = copy_bandwidth_gbs((1 << 20) if a.smoke else (1 << 30), iters)
+  run(shapes, jnp.dtype(a.dtype), iters, bs, a.impls.split(","), copy_gbs)
+
+
+if __name__ == "__main__":
+  main()
