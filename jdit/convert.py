@@ -248,7 +248,9 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
     w = to_numpy(sd[key])
     if kind == "pos":
       ours = sincos_2d(d, gh, gw)
-      if not np.allclose(w[0], ours, atol=1e-5):
+      # 5e-3 admits bf16/fp16-stored checkpoints; a different grid or
+      # embedding layout differs by O(1).
+      if not np.allclose(w[0], ours, atol=5e-3):
         err = float(np.max(np.abs(w[0] - ours)))
         raise CheckpointMismatchError(
             f"checkpoint pos_embed differs from the fixed sin-cos embedding "
