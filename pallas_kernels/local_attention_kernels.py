@@ -51,6 +51,7 @@ class Config:
   interpret: bool = False
   num_warps: int = 4
   num_stages: int = 2
+  poison: bool = False  # tests: outputs start as NaN (aliased inputs)
 
   def table(self, bwd: bool = False, transpose: bool = False) -> BlockTable:
     bq, bk = ((self.block_q_bwd, self.block_k_bwd) if bwd
@@ -213,6 +214,28 @@ def _gpu_dq_kernel(idx_ref, cnt_ref, qb_ref, kb_ref, q_ref, k_ref, v_ref,
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
+def poisoned_call(kernel, cfg: Config, args, out_shape, **kwargs):
+  """Named pallas_call; with cfg.poison every output starts as NaN.
+
+  The NaN buffers are extra inputs aliased to the outputs, so a test proves
+  each output element is written. With a `grid_spec` the caller must already
+  have appended the output specs to its in_specs.
+  """
+  single = not isinstance(out_shape, (list, tuple))
+  outs = [out_shape] if single else list(out_shape)
+  n_args, aliases, body = len(args), {}, kernel
+  if cfg.poison:
+    args = list(args) + [jnp.full(o.shape, jnp.nan, o.dtype) for o in outs]
+    aliases = {n_args + i: i for i in range(len(outs))}
+    body = lambda *r: kernel(*(r[:n_args] + r[n_args + len(outs):]))
+    if "grid_spec" not in kwargs:
+      kwargs["in_specs"] = list(kwargs["in_specs"]) + list(
+          kwargs["out_specs"] if not single else [kwargs["out_specs"]])
+  return pl.pallas_call(
+      body, out_shape=out_shape, input_output_aliases=aliases,
+      interpret=cfg.interpret, **kwargs)(*args)
+
+
 def _full(x):
   """BlockSpec for a table operand: the whole array in every program."""
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
@@ -236,15 +259,15 @@ def gpu_forward(q, k, v, cfg: Config):
   table = cfg.table()
   ops = _tables(cfg, cfg.block_q, cfg.block_k, table, True)
   kernel = functools.partial(_gpu_fwd_kernel, cfg=cfg, width=table.width)
-  return pl.pallas_call(
-      kernel, grid=(n // cfg.block_q, b, h),
+  return poisoned_call(
+      kernel, cfg, [*ops, q, k, v],
+      [jax.ShapeDtypeStruct(q.shape, q.dtype),
+       jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
+      grid=(n // cfg.block_q, b, h),
       in_specs=[_full(x) for x in ops] + [
           _seq(cfg.block_q, dp), _whole(n, dp), _whole(n, dp)],
       out_specs=[_seq(cfg.block_q, dp), _seq(cfg.block_q, None)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
-      compiler_params=cfg.params(), interpret=cfg.interpret,
-      name="local_attention_fwd")(*ops, q, k, v)
+      compiler_params=cfg.params(), name="local_attention_fwd")
 
 
 def gpu_backward(q, k, v, do, lse, delta, cfg: Config):
@@ -252,27 +275,26 @@ def gpu_backward(q, k, v, do, lse, delta, cfg: Config):
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   table_t = cfg.table(bwd=True, transpose=True)
   ops = _tables(cfg, bq, bk, table_t, False)
-  dk, dv = pl.pallas_call(
+  dk, dv = poisoned_call(
       functools.partial(_gpu_dkdv_kernel, cfg=cfg, width=table_t.width),
+      cfg, [*ops, q, k, v, do, lse, delta],
+      [jax.ShapeDtypeStruct(k.shape, k.dtype),
+       jax.ShapeDtypeStruct(v.shape, v.dtype)],
       grid=(n // bk, b, h),
       in_specs=[_full(x) for x in ops] + [
           _whole(n, dp), _seq(bk, dp), _seq(bk, dp), _whole(n, dp),
           _whole(n, None), _whole(n, None)],
       out_specs=[_seq(bk, dp), _seq(bk, dp)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=cfg.params(), interpret=cfg.interpret,
-      name="local_attention_bwd_dkdv")(*ops, q, k, v, do, lse, delta)
+      compiler_params=cfg.params(), name="local_attention_bwd_dkdv")
   table = cfg.table(bwd=True)
   ops = _tables(cfg, bq, bk, table, True)
-  dq = pl.pallas_call(
+  dq = poisoned_call(
       functools.partial(_gpu_dq_kernel, cfg=cfg, width=table.width),
-      grid=(n // bq, b, h),
+      cfg, [*ops, q, k, v, do, lse, delta],
+      jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(n // bq, b, h),
       in_specs=[_full(x) for x in ops] + [
           _seq(bq, dp), _whole(n, dp), _whole(n, dp), _seq(bq, dp),
           _seq(bq, None), _seq(bq, None)],
       out_specs=_seq(bq, dp),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=cfg.params(), interpret=cfg.interpret,
-      name="local_attention_bwd_dq")(*ops, q, k, v, do, lse, delta)
+      compiler_params=cfg.params(), name="local_attention_bwd_dq")
   return dq, dk, dv

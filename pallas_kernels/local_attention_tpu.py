@@ -20,7 +20,7 @@ from pallas_kernels.local_attention_geometry import MASK_VALUE, window_mask
 from pallas_kernels.local_attention_kernels import (LOG2E, Config, _bases,
                                                     _dkdv_step, _dq_step,
                                                     _fwd_finish, _fwd_step,
-                                                    _tables)
+                                                    _tables, poisoned_call)
 
 _SUBLANES = 8
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -130,14 +130,16 @@ def _visited(rows, cols, width):
 
 def _call(kernel, cfg, table, ops, grid, in_specs, out_specs, out_shape,
           scratch, name, *args):
+  if cfg.poison:  # the NaN-filled aliased outputs are extra inputs
+    outs = out_specs if isinstance(out_specs, list) else [out_specs]
+    in_specs = list(in_specs) + outs
   spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(ops), grid=grid, in_specs=in_specs,
       out_specs=out_specs, scratch_shapes=scratch)
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg, width=table.width),
-      grid_spec=spec, out_shape=out_shape,
-      compiler_params=cfg.params(*_SEMANTICS), interpret=cfg.interpret,
-      name=name)(*ops, *args)
+  return poisoned_call(
+      functools.partial(kernel, cfg=cfg, width=table.width), cfg,
+      [*ops, *args], out_shape, grid_spec=spec,
+      compiler_params=cfg.params(*_SEMANTICS), name=name)
 
 
 def tpu_forward(q, k, v, cfg: Config):
