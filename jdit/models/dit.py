@@ -164,7 +164,7 @@ class DiT(nn.Module):
   (B, H, W, C), t (B,) float timesteps, y (B,) int labels (num_classes is the
   null label). Returns (B, H, W, C_out), C_out = 2C with learned sigma, in
   float32. With train=True, labels are dropped with class_dropout_prob using
-  the "dropout" RNG stream.
+  the "dropout" RNG stream, or where force_drop_ids (B,) bool is True.
   """
   depth: int
   hidden_size: int
@@ -211,7 +211,7 @@ class DiT(nn.Module):
                        f"{self.class_dropout_prob}")
 
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False):
+  def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
     gh, gw = self.grid_shape
     p = self.patch_size
     b, h, w, ch = x.shape
@@ -227,7 +227,8 @@ class DiT(nn.Module):
     c = c + LabelEmbedder(self.num_classes, self.hidden_size,
                           self.class_dropout_prob,
                           param_dtype=self.param_dtype,
-                          name="y_embedder")(y, train).astype(self.dtype)
+                          name="y_embedder")(
+                              y, train, force_drop_ids).astype(self.dtype)
     block = remat_block(DiTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.mixer,

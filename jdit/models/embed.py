@@ -122,7 +122,13 @@ class LabelEmbedder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, y, train: bool):
+  def __call__(self, y, train: bool, force_drop_ids=None):
+    """Embeds labels; with train=True drops them to the null class.
+
+    force_drop_ids (B,) bool, when given, says which labels to drop instead
+    of drawing from the "dropout" RNG (the trainer draws them per example so
+    that results do not depend on how a batch is split).
+    """
     rows = self.num_classes + int(self.dropout_prob > 0)
     table = self.param(
         "embedding",
@@ -130,7 +136,13 @@ class LabelEmbedder(nn.Module):
                                      ("vocab", "embed")),
         (rows, self.hidden_size), self.param_dtype)
     if train and self.dropout_prob > 0:
-      drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob,
-                                  y.shape)
-      y = jnp.where(drop, self.num_classes, y)
+      if force_drop_ids is None:
+        force_drop_ids = jax.random.bernoulli(self.make_rng("dropout"),
+                                              self.dropout_prob, y.shape)
+      y = jnp.where(force_drop_ids, self.num_classes, y)
     return jnp.take(table, y, axis=0)
+
+
+def label_drop_mask(keys: jax.Array, prob: float) -> jax.Array:
+  """Per-example label-dropout decisions from per-example keys: (B,) bool."""
+  return jax.vmap(lambda k: jax.random.bernoulli(k, prob))(keys)

@@ -14,6 +14,7 @@ field are rejected with the list of the ones it does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -62,51 +63,63 @@ def check_mixer_options(name: str, options: dict) -> None:
                      f"{name!r}; it accepts {list(allowed)}")
 
 
+class Projection(nn.Module):
+  """y = einsum(x, kernel) + bias with a multi-axis kernel.
+
+  Kernel shape `in_shape + out_shape`, each axis with a logical name, so that
+  tensor parallelism can shard heads. (nn.DenseGeneral builds its kernel flat
+  and reshapes it, which drops per-axis sharding names.) `fan_in`/`fan_out`
+  give the xavier-uniform fans of the equivalent 2D matrix, matching DiT's
+  initialisation of the fused Linear.
+  """
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = math.prod(self.in_shape)
+    fan_out = math.prod(self.out_shape)
+    limit = (6.0 / (fan_in + fan_out)) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+      return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+        self.in_shape + self.out_shape, self.param_dtype)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(),
+            self.kernel_axes[len(self.in_shape):]),
+        self.out_shape, self.param_dtype)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (contract, ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 def qkv_projection(x, num_heads, *, dtype, param_dtype, name="qkv"):
   """(B, L, D) -> q, k, v each (B, L, heads, head_dim); one fused matmul."""
   d = x.shape[-1]
   if d % num_heads:
     raise ValueError(f"hidden size {d} is not divisible by num_heads="
                      f"{num_heads}")
-  # Kernel (D, 3, heads, head_dim) so that tensor parallelism shards heads.
-  qkv = nn.DenseGeneral(
-      (3, num_heads, d // num_heads), dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-          _xavier_fused(3 * d), ("embed", None, "heads", "kv")),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), (None, "heads", "kv")),
-      name=name)(x)
+  qkv = Projection((d,), (3, num_heads, d // num_heads),
+                   ("embed", None, "heads", "kv"), dtype=dtype,
+                   param_dtype=param_dtype, name=name)(x)
   return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 def out_projection(o, *, dtype, param_dtype, name="proj"):
   """(B, L, heads, head_dim) -> (B, L, D)."""
   heads, head_dim = o.shape[-2:]
-  return nn.DenseGeneral(
-      heads * head_dim, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-          _xavier_fused(heads * head_dim), ("heads", "kv", "embed")),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), ("embed",)),
-      name=name)(o)
-
-
-def _xavier_fused(fan_out: int):
-  """Xavier-uniform for a DenseGeneral kernel, with the fans of the 2D matrix.
-
-  DiT initialises the fused (D -> 3D) qkv Linear with xavier_uniform over the
-  flat (in, out) matrix; this keeps that distribution for the split kernel.
-  """
-
-  def init(key, shape, dtype=jnp.float32):
-    fan_in = 1
-    for s in shape:
-      fan_in *= s
-    fan_in //= fan_out
-    limit = (6.0 / (fan_in + fan_out)) ** 0.5
-    return jax.random.uniform(key, shape, dtype, -limit, limit)
-
-  return init
+  return Projection((heads, head_dim), (heads * head_dim,),
+                    ("heads", "kv", "embed"), dtype=dtype,
+                    param_dtype=param_dtype, name=name)(o)
 
 
 @register_mixer("attention")

@@ -1,0 +1,112 @@
+"""Checkpoints: a thin wrapper around orbax's CheckpointManager.
+
+A checkpoint step holds four items, so that sampling reads only what it needs:
+  params, ema_params, opt_state   array trees (restored onto any mesh)
+  meta                            JSON: step, data position, seed, config
+Writes are atomic (orbax renames a finished temporary directory), so a run
+that fails never leaves a half-written or overwritten checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")
+ITEMS = ARRAY_ITEMS + ("meta",)
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def manager(directory: str, *, keep: int = 3, create: bool = True
+            ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=ITEMS)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, params, ema_params,
+         opt_state, meta: dict) -> None:
+  items = {"params": params, "ema_params": ema_params, "opt_state": opt_state}
+  args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+  args["meta"] = ocp.args.JsonSave(meta)
+  mngr.save(step, args=ocp.args.Composite(**args), force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]
+            ) -> dict[str, Any]:
+  """Restores `targets` (item -> abstract tree with shardings) plus meta."""
+  args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+  args["meta"] = ocp.args.JsonRestore()
+  out = mngr.restore(step, args=ocp.args.Composite(**args))
+  return {k: out[k] for k in list(targets) + ["meta"]}
+
+
+def find_manager_dir(path: str) -> tuple[str, int | None]:
+  """Resolves a workdir, a checkpoint directory or one step's directory.
+
+  Returns (manager directory, step or None for the latest).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  sub = os.path.join(path, CHECKPOINT_SUBDIR)
+  if os.path.isdir(sub):
+    return sub, None
+  if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(
+      path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  if any(d.isdigit() for d in os.listdir(path)):
+    return path, None
+  raise FileNotFoundError(
+      f"{path} holds no jdit checkpoint: expected a workdir with "
+      f"'{CHECKPOINT_SUBDIR}/', a checkpoint directory with numbered steps, "
+      f"or one step's directory")
+
+
+def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
+  """Returns (EMA params as host numpy arrays, config) from any checkpoint."""
+  directory, step = find_manager_dir(path)
+  mngr = manager(directory, create=False)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        ema_params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises several types for corrupt data
+    raise ValueError(f"could not read checkpoint step {step} in {directory}: "
+                     f"{e}") from e
+  params = jax.tree.map(lambda a: jax.device_get(a), out["ema_params"])
+  config = ml_collections.ConfigDict(out["meta"]["config"])
+  return params, config
+
+
+def save_for_sampling(directory: str, params, config: ml_collections.ConfigDict,
+                      step: int = 0) -> None:
+  """Writes params (used as EMA params) + config where sample.py loads them.
+
+  Used by the converters: the result has no optimizer state, so it can be
+  sampled from (and fine-tuned from with `init_from`), not resumed.
+  """
+  mngr = manager(directory, keep=1)
+  if mngr.latest_step() is not None:
+    raise FileExistsError(f"{directory} already holds a checkpoint; choose "
+                          f"an empty --out directory")
+  args = ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      ema_params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave({}),
+      meta=ocp.args.JsonSave({"step": step, "data_step": step, "config":
+                              config_to_dict(config)}))
+  mngr.save(step, args=args, force=True)
+  mngr.wait_until_finished()

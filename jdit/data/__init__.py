@@ -1,0 +1,6 @@
+"""Input pipelines: TFDS sources read by step, deterministic and resumable."""
+from jdit.data.pipeline import (DATASETS, DatasetSpec, InputPipeline, get_spec,
+                                load_source)
+
+__all__ = ["DATASETS", "DatasetSpec", "InputPipeline", "get_spec",
+           "load_source"]

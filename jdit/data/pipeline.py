@@ -1,0 +1,119 @@
+"""Deterministic, resumable input pipeline over random-access TFDS sources.
+
+Batch `step` is a pure function of (seed, step): the example stream is a
+concatenation of per-epoch permutations seeded by (seed, epoch), and the global
+batch `step` covers stream positions [step * B, (step + 1) * B). Each host
+reads its own contiguous slice of every global batch. Resuming therefore
+needs only the step (the data position is the step stored in the checkpoint),
+and the global batch does not depend on how many hosts or devices read it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read one dataset: its TFDS builder and how to turn examples
+  (dicts of numpy arrays) into model inputs x (float32, [-1, 1]) and y."""
+  builder: str
+  shape: tuple[int, ...]
+  num_classes: int
+  to_model: Callable[[dict], tuple[np.ndarray, np.ndarray]]
+  builder_module: str | None = None  # imported first to register the builder
+
+
+def _images_uint8(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  x = batch["image"].astype(np.float32) / 127.5 - 1.0
+  return x, batch["label"].astype(np.int32)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("jdit_digits", (8, 8, 1), 10, _images_uint8,
+                          builder_module="jdit.data.digits"),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+  return DATASETS[name]
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR",
+                        os.path.expanduser("~/tensorflow_datasets"))
+
+
+def load_source(name: str, split: str = "train", data_dir: str = ""):
+  """Prepares the dataset if needed and returns a random-access source."""
+  spec = get_spec(name)
+  if spec.builder_module:
+    __import__(spec.builder_module)
+  builder = tfds.builder(spec.builder, data_dir=data_dir or default_data_dir(),
+                         file_format="array_record")
+  builder.download_and_prepare()
+  return builder.as_data_source(split=split)
+
+
+class InputPipeline:
+  """Host-local batches of a global batch, by step; prefetches one ahead."""
+
+  def __init__(self, source, spec: DatasetSpec, *, global_batch_size: int,
+               seed: int, process_index: int = 0, process_count: int = 1,
+               flip: bool = False):
+    if global_batch_size % process_count:
+      raise ValueError(f"batch_size {global_batch_size} must be divisible by "
+                       f"the number of hosts {process_count}")
+    self.source = source
+    self.spec = spec
+    self.size = len(source)
+    if self.size == 0:
+      raise ValueError("the dataset split is empty")
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.seed = seed
+    self.offset = process_index * self.local_batch_size
+    self.flip = flip
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._pending: dict[int, Any] = {}
+
+  @functools.lru_cache(maxsize=4)
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+  def indices(self, step: int) -> np.ndarray:
+    """Dataset indices of this host's part of global batch `step`."""
+    pos = (step * self.global_batch_size + self.offset
+           + np.arange(self.local_batch_size))
+    epochs, within = np.divmod(pos, self.size)
+    return np.array([self._permutation(int(e))[w]
+                     for e, w in zip(epochs, within)])
+
+  def _load(self, step: int) -> dict[str, np.ndarray]:
+    examples = self.source.__getitems__(self.indices(step).tolist())
+    batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+    x, y = self.spec.to_model(batch)
+    if np.any((y < 0) | (y >= self.spec.num_classes)):
+      raise ValueError(f"labels outside [0, {self.spec.num_classes}) in batch "
+                       f"{step}")
+    if self.flip:
+      rng = np.random.default_rng([self.seed, 1, step])
+      mask = rng.random(self.global_batch_size)[
+          self.offset:self.offset + self.local_batch_size] < 0.5
+      x = np.where(mask[:, None, None, None], x[:, :, ::-1], x)
+    return {"x": x, "y": y}
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """Returns batch `step` and starts loading batch `step + 1`."""
+    future = self._pending.pop(step, None)
+    out = future.result() if future is not None else self._load(step)
+    self._pending = {step + 1: self._pool.submit(self._load, step + 1)}
+    return out

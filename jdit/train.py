@@ -1,0 +1,204 @@
+"""The training loop: config + workdir -> checkpoints, metrics, sample grids.
+
+`run(config, workdir)` resumes from the newest checkpoint in the workdir, so
+re-running the same command continues exactly where the last run stopped: the
+data position is the step, and every random number is derived from the seed
+and the step (fold_in), never from hidden state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jdit import checkpoint, data, diffusion, sampling, sharding
+from jdit import train_state as ts
+
+REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
+                 "checkpoint_every", "objective", "model", "data", "optim",
+                 "ema_decay", "mesh")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  missing = [k for k in REQUIRED_KEYS if k not in config]
+  if missing:
+    raise ValueError(f"config is missing keys {missing}; see configs/default.py")
+  for key in ("batch_size", "total_steps", "log_every", "checkpoint_every"):
+    value = config[key]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{key} must be a positive integer, got "
+                       f"{value!r}")
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f"config.ema_decay must be in [0, 1), got "
+                     f"{config.ema_decay}")
+  accum = config.optim.get("grad_accum", 1)
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(f"config.optim.grad_accum={accum} must be >= 1 and "
+                     f"divide batch_size={config.batch_size}")
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard events; only process 0 writes."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.active:
+      return
+    # Drop rows logged after the checkpoint we resume from: they are redone.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [l for l in f if l.strip()
+                and json.loads(l).get("step", 0) <= resume_step]
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(rows)
+      os.replace(self.path + ".tmp", self.path)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, float(v), step)
+    self.tb.flush()
+
+  def close(self):
+    if self.active:
+      self.tb.close()
+
+
+def _restore_or_init(mngr, model, tx, mesh, rules, config):
+  state = ts.create_state(model, tx, mesh, rules, config.seed)
+  step = mngr.latest_step()
+  if step is None:
+    return state, 0
+  target = {k: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      getattr(state, k)) for k in checkpoint.ARRAY_ITEMS}
+  try:
+    out = checkpoint.restore(mngr, step, target)
+  except Exception as e:  # orbax raises many types for mismatched trees
+    raise ValueError(
+        f"the checkpoint at step {step} in {mngr.directory} does not fit "
+        f"model {config.model.name!r} as configured (was it written for "
+        f"another model or optimizer?): {e}") from e
+  state = ts.TrainState(step=jnp.asarray(step, jnp.int32),
+                        params=out["params"], ema_params=out["ema_params"],
+                        opt_state=out["opt_state"])
+  return state, int(out["meta"]["data_step"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains as configured, resuming from `workdir`; returns final metrics."""
+  validate_config(config)
+  sharding.maybe_initialize_distributed()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  model, objective = sampling.model_from_config(config)
+  spec = data.get_spec(config.data.name)
+  if (spec.num_classes != model.num_classes
+      or spec.shape != sampling_shape(model)):
+    raise ValueError(
+        f"dataset {config.data.name!r} has {spec.num_classes} classes of "
+        f"shape {spec.shape}, but the model expects {model.num_classes} "
+        f"classes of shape {sampling_shape(model)} (config.model.*)")
+  mesh = sharding.create_mesh(config.mesh, dcn=config.get("mesh_dcn"))
+  rules = sharding.rules_from_config(config.get("axis_rules"))
+  par = sharding.batch_parallelism(mesh)
+  accum = config.optim.get("grad_accum", 1)
+  if (config.batch_size // accum) % par:
+    raise ValueError(f"batch_size {config.batch_size} / grad_accum {accum} "
+                     f"must be divisible by the {par} devices of the batch "
+                     f"axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}")
+  tx, schedule = ts.make_optimizer(config.optim, config.total_steps)
+  mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
+                            keep=config.get("keep_checkpoints", 3))
+  state, start = _restore_or_init(mngr, model, tx, mesh, rules, config)
+  source = data.load_source(config.data.name, config.data.split,
+                            config.data.data_dir)
+  pipeline = data.InputPipeline(
+      source, spec, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      flip=config.data.flip)
+  train_step = ts.make_train_step(model, objective, tx,
+                                  ema_decay=config.ema_decay, grad_accum=accum,
+                                  seed=config.seed, mesh=mesh, rules=rules)
+  writer = MetricWriter(workdir, start)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  meta = {"seed": config.seed, "config": checkpoint.config_to_dict(config)}
+  window, t0, last = [], time.time(), {}
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  step = start
+  with sharding.use_mesh(mesh, rules):
+    while step < config.total_steps:
+      batch = sharding.global_batch(pipeline.batch(step), mesh)
+      state, metrics = train_step(state, batch)
+      window.append(metrics)
+      step += 1
+      bar.update(1)
+      if step % config.log_every == 0 or step == config.total_steps:
+        host = jax.device_get(window)
+        last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        _check_finite(last["loss"], step, mngr)
+        rate = len(window) / (time.time() - t0)
+        last.update(lr=float(schedule(step - 1)), steps_per_sec=rate,
+                    images_per_sec=rate * config.batch_size)
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.2f}")
+        window, t0 = [], time.time()
+      if step % config.checkpoint_every == 0 or step == config.total_steps:
+        if window:  # never checkpoint a NaN state
+          _check_finite(float(jax.device_get(window[-1]["loss"])), step, mngr)
+        checkpoint.save(mngr, step, params=state.params,
+                        ema_params=state.ema_params, opt_state=state.opt_state,
+                        meta={**meta, "step": step, "data_step": step})
+  bar.close()
+  writer.close()
+  if config.get("sample") and config.sample.get("per_class", 0) > 0:
+    write_sample_grid(config, model, objective, state.ema_params, mesh, workdir,
+                      step)
+  return last
+
+
+def sampling_shape(model) -> tuple[int, int, int]:
+  h, w = model.grid_shape
+  return (h * model.patch_size, w * model.patch_size, model.in_channels)
+
+
+def _check_finite(loss: float, step: int, mngr) -> None:
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"loss is {loss} at step {step}; stopping before it is checkpointed. "
+        f"The last good checkpoint (step {mngr.latest_step()}) is kept; "
+        f"lower config.optim.lr or check the data.")
+
+
+def write_sample_grid(config, model, objective, params, mesh, workdir, step):
+  """Samples `per_class` images of every class with the EMA params."""
+  s = config.sample
+  guidance = diffusion.Guidance(scale=float(s.cfg_scale),
+                                null_label=model.num_classes)
+  sampler = sampling.Sampler(model, objective, params, mesh=mesh,
+                             sampler=s.sampler or None, steps=s.steps or None,
+                             guidance=guidance)
+  labels = sampling.class_labels(model.num_classes, s.per_class)
+  par = sharding.batch_parallelism(mesh)
+  chunk = -(-len(labels) // par) * par
+  images = sampling.generate(sampler, labels, seed=config.seed, chunk=chunk)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f"samples_step{step}.png")
+    sampling.save_grid(images, path, ncol=s.per_class)
+    np.savez(os.path.join(workdir, f"samples_step{step}.npz"), images, labels)

@@ -1,0 +1,153 @@
+"""Train state, optimizer, sharded initialisation and the train step."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jdit import sharding
+from jdit.models.embed import label_drop_mask
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with warmup (+ optional cosine decay) and global-norm clipping."""
+  for key in ("lr", "b1", "b2", "weight_decay", "grad_clip", "warmup_steps",
+              "schedule"):
+    if key not in optim:
+      raise ValueError(f"config.optim.{key} is missing")
+  if optim.lr <= 0:
+    raise ValueError(f"config.optim.lr must be > 0, got {optim.lr}")
+  warmup = max(int(optim.warmup_steps), 0)
+  if optim.schedule == "constant":
+    decay = optax.constant_schedule(optim.lr)
+  elif optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(optim.lr, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', "
+                     f"got {optim.schedule!r}")
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup]
+  ) if warmup else decay
+  chain = []
+  if optim.grad_clip:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip))
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*chain), schedule
+
+
+def model_inputs(model: nn.Module, batch_size: int = 1):
+  h, w = model.grid_shape
+  p = model.patch_size
+  return (jnp.zeros((batch_size, h * p, w * p, model.in_channels)),
+          jnp.zeros((batch_size,)), jnp.zeros((batch_size,), jnp.int32))
+
+
+def init_state_fn(model: nn.Module, tx):
+  """key -> TrainState with logically-annotated (boxed) params.
+
+  Boxes survive tx.init, so the optimizer moments carry the same logical
+  axes as their parameters and are sharded like them.
+  """
+
+  def init(key):
+    params = model.init(key, *model_inputs(model))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=params, opt_state=tx.init(params))
+
+  return init
+
+
+def state_shardings(model: nn.Module, tx, mesh, rules) -> TrainState:
+  abstract = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+  return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh,
+                                      rules)
+
+
+def create_state(model: nn.Module, tx, mesh, rules, seed: int) -> TrainState:
+  """Initialises the state directly sharded (never whole on one device)."""
+  init = init_state_fn(model, tx)
+  out_shardings = state_shardings(model, tx, mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    return jax.jit(lambda k: nn.meta.unbox(init(k)),
+                   out_shardings=out_shardings)(jax.random.key(seed))
+
+
+def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
+                    grad_accum: int, seed: int, mesh, rules):
+  """Returns a jitted (state, batch) -> (state, metrics), state donated.
+
+  All randomness is per example: example i of global batch `step` uses
+  fold_in(fold_in(key(seed), step), i), so results depend neither on the
+  number of devices nor on how the batch is split for gradient accumulation.
+  """
+  base_key = jax.random.key(seed)
+  drop_prob = model.class_dropout_prob
+
+  def loss_fn(params, x, y, keys):
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    drop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    drop = label_drop_mask(drop_keys, drop_prob)
+    aux = []
+
+    def model_fn(x_t, t, y_):
+      # The objective may evaluate the model on a batch built from x (same
+      # order); label dropout applies to the labels it passes through.
+      out, state = model.apply({"params": params}, x_t, t, y_, train=True,
+                               force_drop_ids=drop, mutable=["aux_loss"])
+      aux.extend(jax.tree.leaves(state.get("aux_loss", {})))
+      return out
+
+    loss, metrics = objective.loss(model_fn, x, noise_keys, y)
+    if aux:
+      aux_total = sum(jnp.sum(a) for a in aux)
+      metrics = {**metrics, "aux_loss": aux_total}
+      loss = loss + aux_total
+    return loss, metrics
+
+  def step_fn(state: TrainState, batch):
+    x, y = batch["x"], batch["y"]
+    b = x.shape[0]
+    step_key = jax.random.fold_in(base_key, state.step)
+    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(b))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, x, y, keys)
+    else:
+      micro = lambda a: a.reshape((grad_accum, b // grad_accum) + a.shape[1:])
+
+      def body(carry, mb):
+        (l, m), g = grad_fn(state.params, *mb)
+        return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(state.params, micro(x)[0], micro(y)[0],
+                          micro(keys)[0])))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, metrics, grads), _ = jax.lax.scan(
+          body, zeros, (micro(x), micro(y), micro(keys)))
+      loss, metrics, grads = jax.tree.map(lambda a: a / grad_accum,
+                                          (loss, metrics, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                       state.ema_params, params)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, ema_params=ema,
+                      opt_state=opt_state), metrics
+
+  return jax.jit(step_fn, donate_argnums=0)
