@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2")
 VARIANCES = ("learned_range", "fixed_large", "fixed_small")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
@@ -28,7 +28,7 @@ def get_beta_schedule(name, num_timesteps):
     scale = 1000 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps,
                        dtype=np.float64)
-  if name == "cosine":
+  if name in ("cosine", "squaredcos_cap_v2"):  # ADM's name for it.
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.array([min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps),
                          0.999) for i in range(num_timesteps)], np.float64)
@@ -108,15 +108,21 @@ class GaussianDiffusion:
     self.posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
     # The posterior variance is 0 at t = 0; ADM clips its log there to the
     # t = 1 value so that the learned-range interpolation stays finite.
-    self.posterior_log_variance_clipped = np.log(
-        np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+    if len(betas) > 1:
+      self.posterior_log_variance_clipped = np.log(
+          np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+    else:
+      # A 1-step (respaced) process only has the t = 0 step, which adds no
+      # noise; use log beta so the learned-range interpolation stays finite.
+      self.posterior_log_variance_clipped = np.log(betas)
     self.posterior_mean_coef1 = betas * np.sqrt(acp_prev) / (1.0 - acp)
     self.posterior_mean_coef2 = (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)
     self.log_betas = np.log(betas)
     # Fixed-large uses beta_t but the t = 0 entry is the posterior variance
     # at t = 1, to get a better decoder log-likelihood (ADM).
-    self.fixed_large_log_variance = np.log(
-        np.append(self.posterior_variance[1], betas[1:]))
+    self.fixed_large_log_variance = np.log(np.append(
+        self.posterior_variance[1] if len(betas) > 1 else betas[0],
+        betas[1:]))
 
   def _gather(self, name, t, x):
     """``self.<name>[t]`` as float32 shaped to broadcast against ``x``."""
