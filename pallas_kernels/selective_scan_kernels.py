@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _backend
 
@@ -218,6 +219,16 @@ def _fwd_kernel(cfg, nc, *refs):
     r["last"][...] = h
 
 
+def _barrier(cfg):
+  """CTA barrier around the HBM work buffer on Triton.
+
+  Triton's layouts need not give the thread that stores a work element the
+  load of it, and it inserts no barrier for global memory itself.
+  """
+  if cfg.backend == "gpu" and not cfg.interpret:
+    plgpu.debug_barrier()
+
+
 def _bwd_kernel(cfg, nc, *refs):
   in_names = [k for k in _BWD_IN if cfg.has_z or k != "z"]
   out_names = [k for k in _BWD_OUT if cfg.has_z or k != "dz"]
@@ -239,8 +250,11 @@ def _bwd_kernel(cfg, nc, *refs):
       t0 = c * cfg.chunk
       _fwd_chunk(cfg, rows, fwd_refs, r["states"][c], a2, dvec, bias, t0,
                  write_y=False, work=work)
-      return _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
-                        t0)
+      _barrier(cfg)  # work rows written by one thread, read by another
+      carry = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
+                         t0)
+      _barrier(cfg)  # all reads of work done before the next overwrite
+      return carry
 
     init = (r["dlast"][...], jnp.zeros(a2.shape, F32), row0, row0)
     _, da, dd, db = jax.lax.fori_loop(0, nc, chunk, init)
