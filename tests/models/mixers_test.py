@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pallas_kernels
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -33,27 +32,6 @@ TEST_OPTIONS = {
 RULES = (("act_batch", "data"), ("act_length", None), ("act_embed", None),
          ("embed", None), ("heads", "tensor"), ("kv", None),
          ("mlp", "tensor"))
-
-
-def _local_attention_standin(q, k, v, *, grid_shape, window, shape="circle",
-                             impl="auto"):
-  """Dense masked attention, for checkouts where the kernel has not landed."""
-  del impl
-  pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid_shape],
-                             indexing="ij"), -1).reshape(-1, len(grid_shape))
-  d = pos[:, None] - pos[None]
-  if shape == "circle":
-    mask = (d ** 2).sum(-1) <= window ** 2
-  else:
-    mask = np.abs(d).max(-1) <= window
-  return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask))
-
-
-@pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
-  if not hasattr(pallas_kernels, "local_attention"):
-    monkeypatch.setattr(pallas_kernels, "local_attention",
-                        _local_attention_standin, raising=False)
 
 
 def _make(name, dtype=jnp.float32, **options):
