@@ -1,0 +1,209 @@
+"""FID / sFID / IS / precision / recall of a sample batch, ADM-style, in JAX.
+
+  python -m jdit.metrics.fid --samples samples.npz \
+      --ref VIRTUAL_imagenet256_labeled.npz \
+      --inception pt_inception-2015-12-05-6726825d.pth
+
+prints one JSON object: fid, sfid, inception_score, precision, recall (null
+where the reference batch lacks what a metric needs), num_samples, num_ref.
+
+Inputs use the ADM evaluator's formats:
+  samples  .npz with arr_0: uint8 (N, H, W, 3) images (sample.py writes this;
+           arr_1 labels are ignored). Read in streaming batches, so 50k
+           images need not fit in memory.
+  ref      an ADM reference batch: .npz with mu, sigma (pool features) and
+           mu_s, sigma_s (spatial), and/or arr_0 images. Precomputed
+           statistics are used for FID/sFID when present; the images are
+           needed for precision/recall (and for FID when there are no
+           statistics).
+Inception runs batched under one jit (one compile per image size); the
+preprocessing defaults to ADM's (see jdit.metrics.inception).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zipfile
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from jdit.metrics import inception, scores
+
+
+def _read_header(f):
+  """(shape, fortran_order, dtype) of an .npy stream, or None."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  if version == (2, 0):
+    return np.lib.format.read_array_header_2_0(f)
+  return None
+
+
+class ImageBatchReader:
+  """Streams uint8 (N, H, W, 3) images from an .npz entry in batches."""
+
+  def __init__(self, path: str, key: str = "arr_0"):
+    self.path, self.key = path, key
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} does not exist")
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+        if key not in names:
+          raise ValueError(f"{path} has no {key!r} array (it has {names}); "
+                           f"expected {key} = uint8 images (N, H, W, 3)")
+        with z.open(f"{key}.npy") as f:
+          header = _read_header(f)
+    except zipfile.BadZipFile as e:
+      raise ValueError(f"{path} is not an .npz file: {e}") from e
+    if header is None:  # an unusual .npy version: read it whole
+      arr = np.load(path)[key]
+      header = (arr.shape, True, arr.dtype)
+    self.shape, fortran, self.dtype = header
+    self._stream = not fortran and not self.dtype.hasobject
+    if self.dtype != np.uint8:
+      raise ValueError(f"{path}: {key} has dtype {self.dtype}, expected "
+                       f"uint8 images in [0, 255]")
+    if len(self.shape) != 4 or self.shape[-1] != 3 or self.shape[0] == 0:
+      raise ValueError(f"{path}: {key} has shape {self.shape}, expected "
+                       f"(N, H, W, 3) with N > 0")
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    if not self._stream:
+      arr = np.load(self.path)[self.key]
+      for i in range(0, len(arr), batch_size):
+        yield arr[i:i + batch_size]
+      return
+    per_image = int(np.prod(self.shape[1:]))
+    with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
+      _read_header(f)
+      for i in range(0, len(self), batch_size):
+        n = min(batch_size, len(self) - i)
+        data = f.read(n * per_image)
+        if len(data) != n * per_image:
+          raise ValueError(f"{self.path}: {self.key} is truncated")
+        yield np.frombuffer(data, np.uint8).reshape((n,) + self.shape[1:])
+
+
+class InceptionFeatures:
+  """Batched, jitted Inception features of uint8 images.
+
+  Every batch is padded to `batch_size`, so the network compiles once per
+  image size.
+  """
+
+  def __init__(self, params, batch_size: int = 100, resize: str = "adm"):
+    if resize not in inception.RESIZE_MODES:
+      raise ValueError(f"resize must be one of {inception.RESIZE_MODES}")
+    self.params = jax.device_put(params)
+    self.batch_size = batch_size
+    net = inception.InceptionV3()
+    self._fn = jax.jit(lambda p, x: net.apply(
+        {"params": p}, inception.preprocess(x, resize)))
+
+  def __call__(self, batches) -> dict[str, np.ndarray]:
+    out = {"pool": [], "spatial": [], "logits": []}
+    for batch in batches:
+      for i in range(0, len(batch), self.batch_size):
+        part = batch[i:i + self.batch_size]
+        n = len(part)
+        if n < self.batch_size:
+          pad = np.zeros((self.batch_size - n,) + part.shape[1:], part.dtype)
+          part = np.concatenate([part, pad])
+        feats = self._fn(self.params, part)
+        for k in out:
+          out[k].append(np.asarray(feats[k][:n], np.float64 if k != "logits"
+                                   else np.float32))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _check_stats(mu, sigma, dim, what):
+  if mu.shape != (dim,) or sigma.shape != (dim, dim):
+    raise ValueError(f"reference {what} statistics have shapes {mu.shape}, "
+                     f"{sigma.shape}; expected ({dim},), ({dim}, {dim})")
+
+
+def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
+             resize: str = "adm", num_splits: int = 10, k: int = 3) -> dict:
+  """All metrics of a sample .npz against an ADM reference .npz."""
+  reader = ImageBatchReader(samples)
+  if not os.path.isfile(ref):
+    raise FileNotFoundError(f"reference batch {ref} does not exist")
+  ref_npz = np.load(ref)
+  ref_keys = set(ref_npz.files)
+  if not ({"mu", "sigma"} <= ref_keys or "arr_0" in ref_keys):
+    raise ValueError(f"{ref} is not an ADM reference batch: it needs mu and "
+                     f"sigma and/or arr_0 images, it has {sorted(ref_keys)}")
+  extract = InceptionFeatures(inception_params, batch_size, resize)
+  feats = extract(reader.batches(batch_size))
+  ref_feats = None
+  if "arr_0" in ref_keys:
+    ref_feats = extract(ImageBatchReader(ref).batches(batch_size))
+
+  result = {"num_samples": len(reader),
+            "num_ref": None if ref_feats is None else len(ref_feats["pool"])}
+  pool_dim, spatial_dim = feats["pool"].shape[1], feats["spatial"].shape[1]
+  mu, sigma = scores.statistics(feats["pool"])
+  if {"mu", "sigma"} <= ref_keys:
+    ref_mu, ref_sigma = ref_npz["mu"], ref_npz["sigma"]
+  else:
+    ref_mu, ref_sigma = scores.statistics(ref_feats["pool"])
+  _check_stats(ref_mu, ref_sigma, pool_dim, "pool (mu, sigma)")
+  result["fid"] = scores.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+  result["sfid"] = None
+  if {"mu_s", "sigma_s"} <= ref_keys:
+    ref_s = ref_npz["mu_s"], ref_npz["sigma_s"]
+  elif ref_feats is not None:
+    ref_s = scores.statistics(ref_feats["spatial"])
+  else:
+    ref_s = None
+  if ref_s is not None:
+    _check_stats(*ref_s, spatial_dim, "spatial (mu_s, sigma_s)")
+    mu_s, sigma_s = scores.statistics(feats["spatial"])
+    result["sfid"] = scores.frechet_distance(mu_s, sigma_s, *ref_s)
+
+  result["inception_score"] = scores.inception_score(
+      feats["logits"], min(num_splits, len(reader)))
+  result["precision"] = result["recall"] = None
+  if ref_feats is not None:
+    result["precision"], result["recall"] = scores.precision_recall(
+        ref_feats["pool"], feats["pool"], k=k)
+  return result
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m jdit.metrics.fid",
+      description="FID, sFID, IS, precision and recall (ADM protocol).")
+  parser.add_argument("--samples", required=True,
+                      help=".npz with arr_0 uint8 (N, H, W, 3)")
+  parser.add_argument("--ref", required=True,
+                      help="ADM reference batch, e.g. "
+                           "VIRTUAL_imagenet256_labeled.npz")
+  parser.add_argument("--inception", required=True,
+                      help="local pt_inception-2015-12-05-6726825d.pth")
+  parser.add_argument("--batch_size", type=int, default=100)
+  parser.add_argument("--resize", choices=inception.RESIZE_MODES,
+                      default="adm")
+  args = parser.parse_args(argv)
+  try:
+    params = inception.load_inception(args.inception)
+    result = evaluate(args.samples, args.ref, params, args.batch_size,
+                      args.resize)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
