@@ -361,6 +361,18 @@ class MoE(nn.Module):
     del deterministic  # routing is the same in training and inference
     b, s, d = x.shape
     e, k = self.num_experts, self.top_k
+    # Checked before any parameter exists: creating a sharded expert
+    # parameter would fail first, with a less helpful message.
+    mesh = context_mesh()
+    n_expert = _axis_size(mesh, EXPERT_AXIS)
+    use_shard_map = self.dispatch == "shard_map" or (
+        self.dispatch == "auto" and n_expert > 1)
+    if use_shard_map and mesh is None:
+      raise ValueError("dispatch='shard_map' needs a mesh: run under "
+                       "jax.set_mesh(mesh)")
+    if e % n_expert:
+      raise ValueError(f"num_experts {e} must be divisible by the mesh's "
+                       f"'{EXPERT_AXIS}' axis size {n_expert}")
     # Router in float32: softmax/top-k on bf16 logits flips routes.
     logits = nn.Dense(e, use_bias=False, dtype=jnp.float32,
                       param_dtype=self.param_dtype,
@@ -401,17 +413,7 @@ class MoE(nn.Module):
              1.0 - jnp.mean(r.kept.astype(jnp.float32)))
 
     params = self._expert_params(d)
-    mesh = context_mesh()
-    n_expert = _axis_size(mesh, EXPERT_AXIS)
-    use_shard_map = self.dispatch == "shard_map" or (
-        self.dispatch == "auto" and n_expert > 1)
     if use_shard_map:
-      if mesh is None:
-        raise ValueError("dispatch='shard_map' needs a mesh: run under "
-                         "jax.set_mesh(mesh)")
-      if e % n_expert:
-        raise ValueError(f"num_experts {e} must be divisible by the mesh's "
-                         f"'{EXPERT_AXIS}' axis size {n_expert}")
       y = _moe_shard_map(params, x, r.dispatch, r.combine, self.expert_act,
                          self.dtype, mesh)
     else:
