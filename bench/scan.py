@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import selective_scan_pallas as ssp
 from pallas_kernels.selective_scan import BlockSizes
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_scan import selective_scan_associative
@@ -114,8 +115,15 @@ def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
                                    "state"), shape)),
                    dtype=jnp.dtype(dtype).name, device=device.device_kind,
                    platform=device.platform, jax=jax.__version__)
-        if name == "pallas" and device.platform == "cpu":
-          rec["note"] = "interpret mode (no accelerator): not a kernel time"
+        if name == "pallas":
+          backend = "tpu" if device.platform == "tpu" else "gpu"
+          cfg = ssp.make_config(backend, False, True, True, shape[0],
+                                shape[2], shape[3], block_sizes)
+          rec["config"] = dict(block_d=cfg.block_d, chunk=cfg.chunk,
+                               num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages, unroll=cfg.unroll)
+          if device.platform == "cpu":
+            rec["note"] = "interpret mode (no accelerator): not kernel time"
         try:
           ms = _time_ms(jax.jit(f), args, iters)
         except Exception as e:  # OOM etc.: report and keep going
@@ -144,9 +152,9 @@ def main():
   p.add_argument("--impls", default="reference,associative,pallas",
                  help="comma list; baselines first so speedups can be "
                  "computed")
-  p.add_argument("--block_d", type=int, default=BlockSizes.block_d)
+  p.add_argument("--block_d", type=int, default=None, help="default: auto")
   p.add_argument("--chunk", type=int, default=BlockSizes.chunk)
-  p.add_argument("--num_warps", type=int, default=BlockSizes.num_warps)
+  p.add_argument("--num_warps", type=int, default=None, help="default: auto")
   p.add_argument("--num_stages", type=int, default=BlockSizes.num_stages)
   p.add_argument("--unroll", type=int, default=BlockSizes.unroll)
   a = p.parse_args()

@@ -145,7 +145,7 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None,
 def _pallas(backend, interpret, softplus, block_sizes, u, delta, A, B, C, D,
             bias, z=None):
   cfg = sp.make_config(backend, interpret, softplus, z is not None,
-                       u.shape[2], B.shape[2], block_sizes)
+                       u.shape[0], u.shape[2], B.shape[2], block_sizes)
   return sp.scan(cfg, u, delta, A, B, C, D, z, bias)
 
 

@@ -241,14 +241,14 @@ def _bwd_kernel(cfg, nc, *refs):
   dvec, bias = r["D"][...], r["bias"][...]
   rows = _Rows(cfg, a2.shape[0])
   row0 = jnp.zeros(dvec.shape, F32)
-  fwd_refs = dict(r)
+
   if cfg.backend == "gpu":
     (work,) = extra
 
     def chunk(k, carry):
       c = nc - 1 - k
       t0 = c * cfg.chunk
-      _fwd_chunk(cfg, rows, fwd_refs, r["states"][c], a2, dvec, bias, t0,
+      _fwd_chunk(cfg, rows, r, r["states"][c], a2, dvec, bias, t0,
                  write_y=False, work=work)
       _barrier(cfg)  # work rows written by one thread, read by another
       carry = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
@@ -272,7 +272,7 @@ def _bwd_kernel(cfg, nc, *refs):
     r["dD"][...] = row0
     r["dbias"][...] = row0
 
-  _fwd_chunk(cfg, rows, fwd_refs, r["states"][...], a2, dvec, bias, 0,
+  _fwd_chunk(cfg, rows, r, r["states"][...], a2, dvec, bias, 0,
              write_y=False, work=work)
   carry = (dh_scr[...], jnp.zeros(a2.shape, F32), row0, row0)
   dh, da, dd, db = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec,

@@ -21,7 +21,7 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tuning knobs.
+  """Tuning knobs (None: chosen per problem, see `make_config`).
 
   Attributes:
     block_d: channels per program on GPU (power of two); TPU always uses 128
@@ -33,9 +33,9 @@ class BlockSizes:
     unroll: timesteps per time-loop iteration (divides chunk); lets the
       compiler issue loads of later steps while the state update runs.
   """
-  block_d: int = 64
+  block_d: int | None = None
   chunk: int = 64
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 1
   unroll: int = 4
 
@@ -44,27 +44,45 @@ class BlockSizes:
     return cls()
 
 
+# Programs wanted in flight on a GPU: 4 per SM of an H100 (132 SMs), so the
+# per-timestep load latency of one program hides behind the others.
+_TARGET_PROGRAMS = 4 * 132
+
+
 def _round_up(x, m):
   return -(-x // m) * m
 
 
-def make_config(backend, interpret, softplus, has_z, dim, groups, block_sizes):
-  """Picks the per-backend tile sizes for a problem."""
+def make_config(backend, interpret, softplus, has_z, batch, dim, groups,
+                block_sizes):
+  """Picks the per-backend tile sizes for a problem.
+
+  GPU default: one thread per channel (num_warps = block_d / 32), so the
+  sum over the state axis stays in registers; block_d 64 when that still
+  gives _TARGET_PROGRAMS programs, else 32.
+  """
   bs = block_sizes or BlockSizes.get_default()
   if bs.chunk % 8 or bs.chunk % bs.unroll:
     raise ValueError(f"block_sizes.chunk ({bs.chunk}) must be a multiple of "
                      f"8 and of unroll ({bs.unroll})")
-  if bs.block_d & (bs.block_d - 1):
+  if bs.block_d is not None and bs.block_d & (bs.block_d - 1):
     raise ValueError(f"block_sizes.block_d must be a power of two, got "
                      f"{bs.block_d}")
   per_group = dim // groups
   if backend == "tpu":
     block_d = 128  # lane multiple; channels are padded per group to it
   else:
-    block_d = min(bs.block_d, pl.next_power_of_2(per_group))
+    block_d = bs.block_d
+    if block_d is None:
+      # 64 channels (2 warps) when that still fills the GPU, else one warp.
+      block_d = 32
+      if batch * groups * pl.cdiv(per_group, 64) >= _TARGET_PROGRAMS:
+        block_d = 64
+    block_d = min(block_d, pl.next_power_of_2(per_group))
+  num_warps = bs.num_warps or max(1, block_d // 32)
   return k.Config(backend=backend, interpret=interpret, softplus=softplus,
                   has_z=has_z, block_d=block_d, chunk=bs.chunk,
-                  num_warps=bs.num_warps, num_stages=bs.num_stages,
+                  num_warps=num_warps, num_stages=bs.num_stages,
                   unroll=bs.unroll)
 
 

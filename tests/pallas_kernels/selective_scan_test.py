@@ -200,8 +200,9 @@ def _tpu_structured(softplus):
   run in interpret mode."""
 
   def run(u, delta, A, B, C, D=None, z=None, delta_bias=None):
-    cfg = ssp.make_config("tpu", True, softplus, z is not None, u.shape[2],
-                          B.shape[2], ss.BlockSizes(chunk=16, unroll=2))
+    cfg = ssp.make_config("tpu", True, softplus, z is not None, u.shape[0],
+                          u.shape[2], B.shape[2],
+                          ss.BlockSizes(chunk=16, unroll=2))
     zeros = jnp.zeros((u.shape[2],), jnp.float32)
     return ssp.scan(cfg, u, delta, A, B, C, zeros if D is None else D, z,
                     zeros if delta_bias is None else delta_bias)
@@ -247,7 +248,7 @@ def test_poison_control_detects_unwritten_output():
 def test_poisoned_outputs_fully_written(backend, has_z):
   """Every element of every kernel output (padding included) is written."""
   arrs = _inputs(2, 37, 20, 2, 4, seed=7)
-  cfg = ssp.make_config(backend, True, True, has_z, 20, 2, SMALL)
+  cfg = ssp.make_config(backend, True, True, has_z, 2, 20, 2, SMALL)
   cfg = dataclasses.replace(cfg, poison=True)
   z = arrs["z"] if has_z else None
   _, args = ssp._prepare(cfg, arrs["u"], arrs["delta"], arrs["A"], arrs["B"],
