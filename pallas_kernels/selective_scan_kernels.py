@@ -241,7 +241,6 @@ def _bwd_kernel(cfg, nc, *refs):
   dvec, bias = r["D"][...], r["bias"][...]
   rows = _Rows(cfg, a2.shape[0])
   row0 = jnp.zeros(dvec.shape, F32)
-
   if cfg.backend == "gpu":
     (work,) = extra
 
