@@ -1,0 +1,110 @@
+"""Efficient DiT families: the DiT backbone with a sparse token mixer.
+
+    python train.py --config configs/efficient.py:local      # digits, CPU
+    python train.py --config configs/efficient.py:window
+    python train.py --config configs/efficient.py:linear
+    python train.py --config configs/efficient.py:mamba
+    python train.py --config configs/efficient.py:proxy
+    python train.py --config configs/efficient.py:kv_compress
+    # ImageNet 256 latents with the named model of the family (paper options)
+    python train.py --config configs/efficient.py:local,imagenet
+    python train.py --config configs/efficient.py:mamba,imagenet,model=DiM-B/2
+
+Built on configs/default.py. The digits variant keeps the default's tiny
+DiT (8x8 images, a 4x4 token grid) and only swaps the mixer, with options
+sized for that grid; the imagenet variant uses the family's registered model
+(jdit/models/families.py) at 256px with its paper hyperparameters.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+# family -> (named model at 256px, mixer, mixer options for the 4x4 digits
+# token grid).
+FAMILIES = {
+    "local": ("DiT-XL/2-local", "local", {"window": 2, "shape": "circle"}),
+    "window": ("DiT-XL/2", "window", {"window": 2, "shift": 1}),
+    "linear": ("DiT-XL/2-linear", "linear",
+               {"feature_map": "relu", "conv_kernel": 3}),
+    "mamba": ("DiM-XL/2", "mamba",
+              {"state": 16, "expand": 2, "d_conv": 4, "scan_order": "zigzag",
+               "bidirectional": True}),
+    "proxy": ("PT-DiT-XL/2", "proxy",
+              {"proxy_window": 2, "window": 2, "shift": 1}),
+    "kv_compress": ("DiT-XL/2-KVCompress", "kv_compress", {"ratio": 2}),
+}
+ALIASES = {"dim": "mamba", "pt-dit": "proxy", "ptdit": "proxy",
+           "kvc": "kv_compress", "kvcompress": "kv_compress", "clear": "local"}
+IMAGENET_LATENTS = "imagenet256_latents"
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  # Loaded by path: config files are run from a path (config_flags), where
+  # `configs` need not be an importable package.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+  spec = importlib.util.spec_from_file_location("jdit_configs_default", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _parse(arg):
+  family, variant, kw = None, "digits", {}
+  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+    if "=" in part:
+      key, value = part.split("=", 1)
+      kw[key] = value
+    elif part in ("digits", "imagenet"):
+      variant = part
+    else:
+      family = ALIASES.get(part.lower(), part.lower())
+  if family not in FAMILIES:
+    raise ValueError(f"configs/efficient.py: pick a family with "
+                     f"':<family>', one of {sorted(FAMILIES)} (aliases "
+                     f"{sorted(ALIASES)}), got {arg!r}")
+  unknown = sorted(set(kw) - {"model"})
+  if unknown:
+    raise ValueError(f"configs/efficient.py: unknown options {unknown}; "
+                     f"allowed: model=<a build_model name>")
+  return family, variant, kw
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  family, variant, kw = _parse(arg)
+  named, mixer, digits_options = FAMILIES[family]
+  c = _default_config()
+  if variant == "digits":
+    # Same tiny DiT as the default; only the token mixer changes.
+    c.model.mixer = mixer
+    c.model.mixer_options = dict(digits_options)
+    if "model" in kw:
+      c.model.name = kw["model"]
+    return c
+
+  c.batch_size = 256
+  c.total_steps = 400_000
+  c.log_every = 100
+  c.checkpoint_every = 10_000
+  c.model = ml_collections.ConfigDict()
+  # The named model carries the paper's mixer and options.
+  c.model.name = kw.get("model", named)
+  if family == "window":
+    c.model.mixer = "window"
+    c.model.mixer_options = {"window": 8, "shift": 4}
+  c.model.input_size = 32
+  c.model.in_channels = 4
+  c.model.num_classes = 1000
+  c.model.learn_sigma = ml_collections.FieldReference(None, field_type=bool)
+  c.model.class_dropout_prob = 0.1
+  c.model.dtype = "bfloat16"
+  c.model.remat = "none"
+  c.data.name = IMAGENET_LATENTS
+  c.data.flip = False
+  c.optim.lr = 1e-4  # the DiT recipe: AdamW 1e-4, constant, no decay
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.ema_decay = 0.9999
+  c.sample.cfg_scale = 1.5
+  return c
