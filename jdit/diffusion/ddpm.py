@@ -99,6 +99,9 @@ class DDPM(objective.Objective):
 
   # Samplers.
 
+  def is_stochastic(self, sampler, options):
+    return sampler == "ddpm" or (sampler == "ddim" and options["eta"] != 0)
+
   def respaced(self, steps, spacing, clip_denoised):
     """The respaced process used by ddpm/ddim for ``steps`` steps."""
     _check("spacing", spacing, SPACINGS)

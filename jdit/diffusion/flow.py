@@ -169,6 +169,9 @@ class Flow(objective.Objective):
 
   # Samplers.
 
+  def is_stochastic(self, sampler, options):
+    return sampler == "sde"
+
   def _time_grid(self, n, t_hi, t_lo, shift):
     """``n + 1`` times from ``t_hi`` down to ``t_lo``, warped by ``shift``."""
     u = paths.shift_time(np.linspace(1.0, 0.0, n + 1), shift)

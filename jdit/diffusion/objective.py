@@ -1,4 +1,5 @@
 """The Objective base class: what the trainer and sample.py call."""
+import jax
 import jax.numpy as jnp
 
 from jdit.diffusion import guidance as guidance_lib
@@ -28,6 +29,10 @@ class Objective:
 
   def _sample(self, model_fn, noise, key, y, sampler, steps, guidance,
               options):
+    raise NotImplementedError
+
+  def is_stochastic(self, sampler, options) -> bool:
+    """Whether ``sampler`` with ``options`` draws noise (needs a key)."""
     raise NotImplementedError
 
   def check_sampler(self, sampler=None, steps=None, options=None):
@@ -62,7 +67,7 @@ class Objective:
     Args:
       model_fn: ``(x, t_model, y) -> (B, H, W, C_out)``.
       noise: ``(B, H, W, C)`` standard normal, the t = 1 state.
-      key: PRNG key for stochastic samplers (unused by deterministic ones).
+      key: PRNG key; may be None for deterministic samplers.
       y: ``(B,)`` int labels or None.
       sampler: one of ``self.samplers`` (default ``self.default_sampler``).
       steps: number of steps (default ``self.default_steps``), >= 1.
@@ -75,6 +80,10 @@ class Objective:
     sampler, steps, options = self.check_sampler(sampler, steps,
                                                  sampler_options)
     guidance = guidance_lib.check_guidance(guidance)
+    if key is None:
+      if self.is_stochastic(sampler, options):
+        raise ValueError(f"Sampler {sampler!r} is stochastic: pass a key.")
+      key = jax.random.PRNGKey(0)  # Unused by deterministic samplers.
     return self._sample(model_fn, jnp.asarray(noise, jnp.float32), key, y,
                         sampler, steps, guidance, options)
 
