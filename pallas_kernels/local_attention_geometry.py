@@ -191,6 +191,26 @@ def block_table(geo: Geometry, block_q: int, block_k: int,
                     int(any_vis.size))
 
 
+def _block_coords(geo: Geometry, base, block: int, on_rows: bool):
+  """Grid coordinates of a block's tokens, as (block, 1) or (1, block).
+
+  Computed on a vector, not on the (rows, cols) tile, so that the per-element
+  mask costs only a few float ops. Returns one entry per axis: an int32
+  array, or a scalar where the block's box has extent 1 on that axis.
+  """
+  shape = (block, 1) if on_rows else (1, block)
+  idx = jax.lax.broadcasted_iota(jnp.int32, shape, 0 if on_rows else 1)
+  box = geo.box(block)
+  out, stride = [], 1
+  for b in reversed(box):  # unravel with shifts: extents are powers of two
+    c = idx if stride == 1 else idx >> (stride.bit_length() - 1)
+    out.append(None if b == 1 else (
+        c if b * stride == block else c & (b - 1)))
+    stride *= b
+  return [base[a] if c is None else c + base[a]
+          for a, c in enumerate(reversed(out))]
+
+
 def window_mask(geo: Geometry, q_base, k_base, block_q: int, block_k: int,
                 keys_on_rows: bool = False) -> jax.Array:
   """In-kernel element mask of one (query block, key block) pair.
@@ -205,37 +225,26 @@ def window_mask(geo: Geometry, q_base, k_base, block_q: int, block_k: int,
   Returns:
     bool (block_q, block_k) (or transposed): key visible and not padding.
   """
-  shape = (block_k, block_q) if keys_on_rows else (block_q, block_k)
-  q_dim, k_dim = (1, 0) if keys_on_rows else (0, 1)
-
-  def local(dim, box):
-    # Unravel the in-block index with shifts: box entries are powers of two.
-    idx = jax.lax.broadcasted_iota(jnp.int32, shape, dim)
-    out, stride = [], 1
-    for b in reversed(box):
-      c = idx if stride == 1 else idx >> (stride.bit_length() - 1)
-      out.append(None if b == 1 else (c if b * stride == math.prod(box)
-                                      else c & (b - 1)))
-      stride *= b
-    return out[::-1]
-
-  ql = local(q_dim, geo.box(block_q))
-  kl = local(k_dim, geo.box(block_k))
-  ok, dist2, dmax = None, None, None
+  qc = _block_coords(geo, q_base, block_q, not keys_on_rows)
+  kc = _block_coords(geo, k_base, block_k, keys_on_rows)
+  # Padding keys get a far-away coordinate instead of a separate validity
+  # test on every element; exact in float32, beyond any clamped radius.
+  valid = None
   for a in range(geo.ndim):
-    kc = kl[a] if kl[a] is not None else jnp.zeros(shape, jnp.int32)
-    kc = kc + k_base[a]
-    d = kc - q_base[a]
-    if ql[a] is not None:
-      d = d - ql[a]
     if geo.padded[a] != geo.grid[a]:
-      valid = kc < geo.grid[a]
-      ok = valid if ok is None else ok & valid
+      v = kc[a] < geo.grid[a]
+      valid = v if valid is None else valid & v
+  if valid is not None:
+    kc[0] = jnp.where(valid, kc[0], -4 * max(geo.padded) - 4)
+  dist = None
+  for a in range(geo.ndim):
+    d = (qc[a] - kc[a]).astype(jnp.float32)
     if geo.shape == "circle":
-      dist2 = d * d if dist2 is None else dist2 + d * d
+      d = d * d
+      dist = d if dist is None else dist + d
     else:
-      ad = jnp.abs(d)
-      dmax = ad if dmax is None else jnp.maximum(dmax, ad)
-  vis = (dist2 <= geo.window ** 2) if geo.shape == "circle" else (
-      dmax <= geo.window)
-  return vis if ok is None else vis & ok
+      d = jnp.abs(d)
+      dist = d if dist is None else jnp.maximum(dist, d)
+  limit = geo.window ** 2 if geo.shape == "circle" else geo.window
+  shape = (block_k, block_q) if keys_on_rows else (block_q, block_k)
+  return jnp.broadcast_to(dist <= float(limit), shape)
