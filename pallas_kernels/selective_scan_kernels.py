@@ -104,35 +104,54 @@ def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
                work=None):
   """Runs cfg.chunk timesteps from h; optionally stores y or pre-states."""
 
-  def step(i, h):
+  def load(i):
     t = t0 + i
-    if work is not None:
-      work[i] = h  # state before step i, for the backward
-    u, dt, _, b, c = _step_inputs(cfg, rows, refs, t, bias)
+    x = _step_inputs(cfg, rows, refs, t, bias)
+    z = rows.row(refs["z"], t) if write_y and cfg.has_z else None
+    return x, z
+
+  def compute(i, loaded, h):
+    (u, dt, _, b, c), z = loaded
+    h_prev = h
     h = jnp.exp2(dt * a2) * h + b * (dt * u)
+    y = None
     if write_y:
       y = jnp.sum(h * c, axis=0, keepdims=True) + dvec * u
-      if cfg.has_z:
-        z = rows.row(refs["z"], t)
+      if z is not None:
         y = y * (z * jax.nn.sigmoid(z))
-      refs["y"][pl.ds(t, 1), :] = y.astype(refs["y"].dtype)
-    return h
 
-  return _unrolled_loop(cfg, step, h)
+    def store():
+      if work is not None:
+        work[i] = h_prev  # state before step i, for the backward
+      if y is not None:
+        refs["y"][pl.ds(t0 + i, 1), :] = y.astype(refs["y"].dtype)
+
+    return h, store
+
+  return _unrolled_loop(cfg, load, compute, h)
 
 
-def _unrolled_loop(cfg, step, carry, reverse=False):
-  """fori_loop over the chunk, cfg.unroll steps per iteration.
+def _unrolled_loop(cfg, load, compute, carry, reverse=False):
+  """fori_loop over the chunk, cfg.unroll timesteps per iteration.
 
-  Unrolling by hand (Pallas rejects scan unroll) lets the compiler issue
-  the next timesteps' loads, which do not depend on the carry, early.
+  Each iteration issues all its loads first, then runs the dependent
+  state updates, then does all its stores: a store between two loads would
+  pin their order (the compiler cannot prove that refs do not alias), so
+  every timestep would pay a full memory latency on the critical path.
   """
   n = cfg.unroll
 
   def body(k, carry):
-    for s in range(n):
-      i = k * n + s
-      carry = step(cfg.chunk - 1 - i if reverse else i, carry)
+    idx = [k * n + s for s in range(n)]
+    if reverse:
+      idx = [cfg.chunk - 1 - i for i in idx]
+    loaded = [load(i) for i in idx]
+    stores = []
+    for i, x in zip(idx, loaded):
+      carry, store = compute(i, x, carry)
+      stores.append(store)
+    for store in stores:
+      store()
     return carry
 
   return jax.lax.fori_loop(0, cfg.chunk // n, body, carry)
@@ -141,38 +160,48 @@ def _unrolled_loop(cfg, step, carry, reverse=False):
 def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
   """Reverse time loop over one chunk given its recomputed pre-states."""
 
-  def step(i, carry):
-    dh, da, dd, db = carry
+  def load(i):
     t = t0 + i
-    h_prev = work[i]
-    u, dt, dt_raw, b, c = _step_inputs(cfg, rows, refs, t, bias)
+    z = rows.row(refs["z"], t) if cfg.has_z else None
+    return (work[i], _step_inputs(cfg, rows, refs, t, bias),
+            rows.row(refs["dy"], t), z)
+
+  def compute(i, loaded, carry):
+    dh, da, dd, db = carry
+    h_prev, (u, dt, dt_raw, b, c), g, z = loaded
     a = jnp.exp2(dt * a2)
     h = a * h_prev + b * (dt * u)
-    g = rows.row(refs["dy"], t)
-    if cfg.has_z:
-      z = rows.row(refs["z"], t)
+    dz = None
+    if z is not None:
       sz = jax.nn.sigmoid(z)
       y = jnp.sum(h * c, axis=0, keepdims=True) + dvec * u
       dz = g * y * sz * (1.0 + z * (1.0 - sz))
-      refs["dz"][pl.ds(t, 1), :] = dz.astype(refs["dz"].dtype)
       g = g * (z * sz)
     dd = dd + g * u
-    rows.put_rowsum(refs["dC"], t, h * g)
+    dc = h * g
     dh = dh + c * g
     s = jnp.sum(dh * b, axis=0, keepdims=True)
     du = g * dvec + s * dt
     gh = dh * h_prev * a
     ddt = s * u + jnp.sum(gh * a_true, axis=0, keepdims=True)
     da = da + gh * dt
-    rows.put_rowsum(refs["dB"], t, dh * (dt * u))
+    dbm = dh * (dt * u)
     if cfg.softplus:
       ddt = ddt * jax.nn.sigmoid(dt_raw)
     db = db + ddt
-    refs["du"][pl.ds(t, 1), :] = du.astype(refs["du"].dtype)
-    refs["ddelta"][pl.ds(t, 1), :] = ddt.astype(refs["ddelta"].dtype)
-    return dh * a, da, dd, db
 
-  return _unrolled_loop(cfg, step, carry, reverse=True)
+    def store():
+      t = t0 + i
+      if dz is not None:
+        refs["dz"][pl.ds(t, 1), :] = dz.astype(refs["dz"].dtype)
+      rows.put_rowsum(refs["dC"], t, dc)
+      rows.put_rowsum(refs["dB"], t, dbm)
+      refs["du"][pl.ds(t, 1), :] = du.astype(refs["du"].dtype)
+      refs["ddelta"][pl.ds(t, 1), :] = ddt.astype(refs["ddelta"].dtype)
+
+    return (dh * a, da, dd, db), store
+
+  return _unrolled_loop(cfg, load, compute, carry, reverse=True)
 
 
 _FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias")
