@@ -83,7 +83,9 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6,
     v: (B, N, heads, dv) values, q's dtype (dv may differ from d).
     feature_map: "elu" (elu(x) + 1) or "relu".
     causal: if True, position i attends to j <= i only.
-    eps: >= 0, added to the denominator.
+    eps: >= 0, added to the denominator. A row whose denominator is exactly
+      0 (possible with relu, or eps = 0) has a zero numerator too and
+      outputs 0.
     impl: "auto" (Pallas on GPU/TPU, reference elsewhere), "pallas" (the
       kernel; interpret mode on CPU) or "reference" (pure jnp).
     block_sizes: optional `BlockSizes` for the GPU kernels.

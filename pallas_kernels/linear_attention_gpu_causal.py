@@ -77,7 +77,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
     k = lgpu._load(k_ref, row0, t, row0, n, d)
     rest = [lgpu._load(r, row0, t, row0, n, dv) for r in (v_ref, o_ref, g_ref)]
     den = lgpu._load(den_ref, row0, t, row0, n, 1)
-    # Padded rows get den = 1 so 0 / den stays 0 there.
+    # Masked loads give den = 0 on padded rows; keep 0 / den = 0 there.
     den = jnp.where(den > 0, den, 1.0)
     return (q, tiles.features(q, valid, fm), k, tiles.features(k, valid, fm),
             *rest, den)

@@ -38,8 +38,13 @@ def linear_attention_reference(q, k, v, *, feature_map="elu", causal=False,
     z = jnp.sum(kf, axis=1)  # (B, H, d)
     num = jnp.einsum("bnhd,bhde->bnhe", qf, s, precision=_HI)
     den = jnp.einsum("bnhd,bhd->bnh", qf, z, precision=_HI) + eps
-    out = num / den[..., None]
+    out = num / _nonzero(den)[..., None]
   return out.astype(q.dtype)
+
+
+def _nonzero(den):
+  # As in the kernels: den == 0 implies num == 0 (phi >= 0); 0 / 0 := 0.
+  return jnp.where(den == 0, 1.0, den)
 
 
 def _causal_chunked(qf, kf, vf, eps):
@@ -65,7 +70,7 @@ def _causal_chunked(qf, kf, vf, eps):
            + eps)
     s = s + jnp.einsum("bhjd,bhje->bhde", kc, vc, precision=_HI)
     z = z + kc.sum(2)
-    return (s, z), num / den[..., None]
+    return (s, z), num / _nonzero(den)[..., None]
 
   init = (jnp.zeros((b, h, d, dv), jnp.float32),
           jnp.zeros((b, h, d), jnp.float32))

@@ -71,6 +71,12 @@ def _row_dot(a, b):
   return jnp.sum(a * b, axis=1, keepdims=True)
 
 
+def _nonzero(den):
+  # den == 0 only when every phi(q_i) . phi(k_j) is 0 (phi >= 0), so num is
+  # 0 too: define 0 / 0 = 0. This covers padded rows and eps = 0.
+  return jnp.where(den == 0, 1.0, den)
+
+
 # Non-causal ------------------------------------------------------------------
 
 
@@ -81,7 +87,7 @@ def reduce_tile(kf, v, cd):
 
 def out_tile(qf, s, z, eps, cd):
   """Output rows of one query tile and their denominators (t, 1)."""
-  den = _row_dot(qf, z) + eps
+  den = _nonzero(_row_dot(qf, z) + eps)
   return mm(qf, s, dtype=cd) / den, den
 
 
@@ -118,7 +124,7 @@ def causal_fwd_chunk(qf, kf, v, s, z, eps, cd):
   t = qf.shape[0]
   a = jnp.where(tril(t), mm(qf, kf, tb=True, dtype=cd), 0.0)
   num = mm(a, v, dtype=cd) + mm(qf, s, dtype=cd)
-  den = jnp.sum(a, axis=1, keepdims=True) + _row_dot(qf, z) + eps
+  den = _nonzero(jnp.sum(a, axis=1, keepdims=True) + _row_dot(qf, z) + eps)
   s = s + mm(kf, v, ta=True, dtype=cd)
   z = z + jnp.sum(kf, axis=0, keepdims=True)
   return num / den, den, s, z
