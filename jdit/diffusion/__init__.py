@@ -59,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
   f.logit_mean = 0.0          # Logit-normal location (SD3: 0.0).
   f.logit_std = 1.0           # Logit-normal scale (SD3: 1.0).
   f.time_shift = 1.0          # SD3 shift of training t: s t / (1 + (s-1) t);
-  #                             > 1 spends more time near noise.
+  #                             > 1 spends more time near noise (SD3 uses
+  #                             paths.resolution_shift(res) = res / 256).
   # Keep t in [eps, 1 - eps]; None = SiT's default (0 for velocity, 1e-3 for
   # noise/score predictions).
   f.train_eps = config_dict.placeholder(float)
@@ -74,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
   f.sde_last_step = "mean"    # "mean" | "tweedie" | "euler" | "none".
   f.sde_last_step_size = 0.04  # Size of that last step (SiT: 0.04).
   f.sampler = "euler"         # Default sampler: "euler" | "heun" | "sde".
-  f.steps = 50                # Default number of steps.
+  f.steps = 50                # Default number of steps (network calls per
+  #                             sample: euler/sde 1 per step, heun 2).
   return c
 
 

@@ -63,8 +63,8 @@ def check_guidance(guidance):
   if isinstance(guidance, (int, float)):
     guidance = Guidance(scale=float(guidance))
   if not isinstance(guidance, Guidance):
-    raise ValueError(
-        f"guidance must be None, a float scale or a Guidance, got {guidance!r}.")
+    raise ValueError("guidance must be None, a float scale or a Guidance, "
+                     f"got {guidance!r}.")
   return guidance if guidance.active else None
 
 

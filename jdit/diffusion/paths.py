@@ -133,3 +133,12 @@ def shift_time(t, shift):
   if shift == 1.0:
     return t
   return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def resolution_shift(resolution, base_resolution=256):
+  """SD3's resolution-dependent shift ``sqrt(m / n)`` for m vs n pixels.
+
+  For square images that is the side ratio: 512 px against a 256 px base
+  gives 2.0 (use it as ``time_shift`` / ``sample_shift``).
+  """
+  return float(resolution) / float(base_resolution)
