@@ -42,21 +42,26 @@ class BlockSizes:
       splits reaches this (more programs hide memory latency) ...
     min_split_rows: ... but never below this many rows per split, since each
       split writes a partial state XLA must add up.
+    num_warps: Triton warps; None: 4 for padded head dims <= 64, else 8.
+    num_stages: Triton software-pipelining stages.
   """
   block_n: int = 64
   chunk: int = 64
   target_programs: int = 256
   min_split_rows: int = 1024
+  num_warps: int | None = None
+  num_stages: int = 2
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
     return cls()
 
 
-def _cfg(d, dv):
+def _cfg(d, dv, bs):
   dp, dvp = pl.next_power_of_2(max(d, 16)), pl.next_power_of_2(max(dv, 16))
-  warps = 4 if max(dp, dvp) <= 64 else 8
-  return dp, dvp, _backend.gpu_params(num_warps=warps, num_stages=2)
+  warps = bs.num_warps or (4 if max(dp, dvp) <= 64 else 8)
+  params = _backend.gpu_params(num_warps=warps, num_stages=bs.num_stages)
+  return dp, dvp, params
 
 
 def _cd(dtype):
@@ -147,7 +152,7 @@ def nc_forward(q, k, v, *, fm, eps, bs, interpret):
   """Non-causal forward; returns (out, (S, z)) with S (B, H, d, dv) f32."""
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = _cfg(d, dv)
+  dp, dvp, params = _cfg(d, dv, bs)
   cd = _cd(q.dtype)
   t = bs.block_n
   nt = pl.cdiv(n, t)
@@ -218,7 +223,7 @@ def _bwd_kv_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, n, d, dv,
 def nc_backward(q, k, v, s, z, g, *, fm, eps, bs, interpret):
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = _cfg(d, dv)
+  dp, dvp, params = _cfg(d, dv, bs)
   cd = _cd(q.dtype)
   t = bs.block_n
   nt = pl.cdiv(n, t)

@@ -50,7 +50,7 @@ def causal_forward(q, k, v, *, fm, eps, bs, interpret):
   """Returns (out, den) with den (B, H, N, 1) f32, the saved denominators."""
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = lgpu._cfg(d, dv)
+  dp, dvp, params = lgpu._cfg(d, dv, bs)
   t = bs.chunk
   rows = pl.cdiv(n, t) * t
   return pl.pallas_call(
@@ -109,7 +109,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
 def causal_backward(q, k, v, o, den, g, *, fm, bs, interpret):
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = lgpu._cfg(d, dv)
+  dp, dvp, params = lgpu._cfg(d, dv, bs)
   t = bs.chunk
   rows = pl.cdiv(n, t) * t
   spec_d, spec_v = lgpu._rows_spec(rows, dp), lgpu._rows_spec(rows, dvp)

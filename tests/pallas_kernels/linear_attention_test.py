@@ -242,9 +242,8 @@ def test_poison_is_visible():
     def _():
       o_ref[...] = x_ref[...]
 
-  out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((8,),
-                                                                 lambda i: (i,))],
-                       out_specs=pl.BlockSpec((8,), lambda i: (i,)),
+  spec = pl.BlockSpec((8,), lambda i: (i,))
+  out = pl.pallas_call(kernel, grid=(2,), in_specs=[spec], out_specs=spec,
                        out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
                        interpret=True)(jnp.ones(16))
   assert bool(jnp.isfinite(out[:8]).all()) and bool(jnp.isnan(out[8:]).all())

@@ -1,0 +1,151 @@
+"""Benchmark: linear-attention kernel vs the XLA (einsum / chunked scan) path.
+
+Times `linear_attention(impl="pallas")` against `impl="reference"` (plain jnp
+that XLA fuses: einsums when non-causal, a chunked lax.scan when causal) at
+typical DiT shapes (16 heads x 72 = DiT-XL), forward and forward+backward,
+causal and not, and prints one JSON line per measurement.
+
+Roof bytes (the least HBM traffic any implementation needs):
+  forward: q, k, v read once and out written once;
+  forward+backward: the forward's bytes, plus q, k, v and dout read once and
+    dq, dk, dv written once.
+GB/s = roof bytes / time; `copy_ratio` divides that by the device's copy
+bandwidth measured in the same run (2 x bytes / time of x + 1).
+
+  python bench/linear_attention.py              # GPU/TPU: the full table
+  python bench/linear_attention.py --smoke      # tiny, any device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear_attention import BlockSizes
+from pallas_kernels.linear_attention import linear_attention
+
+FULL_SHAPES = [(8, n, 16, 72) for n in (1024, 4096, 16384)]
+SMOKE_SHAPES = [(1, 70, 2, 24)]
+
+
+def _time_ms(fn, args, iters):
+  """Median wall time of fn(*args) in ms, after a compile + warm-up."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes, iters):
+  """Device copy bandwidth: read + write of an nbytes f32 buffer."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  ms = _time_ms(jax.jit(lambda x: x + 1), (x,), iters)
+  return 2 * nbytes / ms / 1e6
+
+
+def roof_bytes(q, backward):
+  one = q.size * q.dtype.itemsize  # q, k, v, out, dout, dq, ... all alike
+  return (4 + 7) * one if backward else 4 * one
+
+
+def _fn(impl, causal, bs):
+  def f(q, k, v):
+    return linear_attention(q, k, v, causal=causal, impl=impl,
+                            block_sizes=bs)
+  return f
+
+
+def _fwd_bwd(f):
+  # The cotangent is a fixed random-like tensor (not ones) so XLA cannot
+  # simplify the backward.
+  def run(q, k, v, g):
+    out, vjp = jax.vjp(f, q, k, v)
+    return vjp(g)
+  return run
+
+
+def run(shapes, dtype, iters, bs, impls, copy_gbs, causals):
+  device = jax.devices()[0]
+  for shape in shapes:
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, g = (jax.random.normal(kk, shape, jnp.float32).astype(dtype)
+                  for kk in ks)
+    for causal in causals:
+      for backward in (False, True):
+        what = "fwd+bwd" if backward else "fwd"
+        nbytes = roof_bytes(q, backward)
+        times = {}
+        for impl in impls:
+          f = _fn(impl, causal, bs)
+          fn, args = (_fwd_bwd(f), (q, k, v, g)) if backward else (f, (q, k, v))
+          rec = dict(what=f"linear_attention {what}", impl=impl,
+                     causal=causal,
+                     shape=dict(zip(("batch", "n", "heads", "head_dim"),
+                                    shape)),
+                     dtype=jnp.dtype(dtype).name, device=device.device_kind,
+                     platform=device.platform, jax=jax.__version__)
+          if impl == "pallas":
+            rec["block_sizes"] = dict(vars(bs))
+            if device.platform == "cpu":
+              rec["note"] = "interpret mode (no accelerator): not kernel time"
+          try:
+            ms = _time_ms(jax.jit(fn), args, iters)
+          except Exception as e:  # OOM etc.: report and keep going
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(rec), flush=True)
+            continue
+          times[impl] = ms
+          gbs = nbytes / ms / 1e6
+          rec.update(ms=round(ms, 4), roof_bytes=nbytes, gbs=round(gbs, 2),
+                     copy_gbs=round(copy_gbs, 2),
+                     copy_ratio=round(gbs / copy_gbs, 4))
+          if impl != "reference" and "reference" in times:
+            rec["speedup_vs_xla"] = round(times["reference"] / ms, 3)
+          print(json.dumps(rec), flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny shapes, 2 iterations (runs on CPU)")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--shape", action="append", default=None,
+                 help="batch,n,heads,head_dim (repeatable)")
+  p.add_argument("--causal", default="false,true",
+                 help="comma list of false/true")
+  p.add_argument("--impls", default="reference,pallas",
+                 help="comma list; the XLA reference first for speedups")
+  d = BlockSizes()
+  p.add_argument("--block_n", type=int, default=d.block_n)
+  p.add_argument("--chunk", type=int, default=d.chunk)
+  p.add_argument("--target_programs", type=int, default=d.target_programs)
+  p.add_argument("--min_split_rows", type=int, default=d.min_split_rows)
+  p.add_argument("--num_warps", type=int, default=None, help="default: auto")
+  p.add_argument("--num_stages", type=int, default=d.num_stages)
+  a = p.parse_args()
+  if a.shape:
+    shapes = [tuple(int(x) for x in s.split(",")) for s in a.shape]
+  else:
+    shapes = SMOKE_SHAPES if a.smoke else FULL_SHAPES
+  iters = 2 if a.smoke else a.iters
+  bs = BlockSizes(block_n=a.block_n, chunk=a.chunk,
+                  target_programs=a.target_programs,
+                  min_split_rows=a.min_split_rows, num_warps=a.num_warps,
+                  num_stages=a.num_stages)
+  causals = [c.strip().lower() == "true" for c in a.causal.split(",")]
+  copy_gbs = copy_bandwidth_gbs((1 << 20) if a.smoke else (1 << 30), iters)
+  run(shapes, jnp.dtype(a.dtype), iters, bs, a.impls.split(","), copy_gbs,
+      causals)
+
+
+if __name__ == "__main__":
+  main()
