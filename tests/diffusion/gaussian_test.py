@@ -161,8 +161,8 @@ def test_vb_terms_against_numpy(diff):
   expected = np.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3)))
   expected = expected / math.log(2)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  got, _ = diff.vb_terms_bpd(f32(np.concatenate([eps, v], -1)), f32(x0),
-                             f32(xt), t)
+  got, _ = jax.jit(diff.vb_terms_bpd)(f32(np.concatenate([eps, v], -1)),
+                                      f32(x0), f32(xt), t)
   np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4)
 
 
@@ -174,15 +174,15 @@ def test_hybrid_loss_terms_and_stop_gradient(diff):
   t = np.array([0, 3, 400, 999])
   xt = diff.q_sample(x0, t, noise)
   out = jnp.asarray(rng.standard_normal((4, 4, 4, 6)), jnp.float32) * 0.3
-  terms = diff.training_losses(out, x0, xt, t, noise)
+  terms = jax.jit(diff.training_losses)(out, x0, xt, t, noise)
   assert set(terms) == {"loss", "mse", "vb"}
   np.testing.assert_allclose(terms["mse"], np.mean(
       (np.asarray(noise) - np.asarray(out[..., :3])) ** 2, (1, 2, 3)),
                              rtol=1e-5)
   np.testing.assert_allclose(terms["loss"], terms["mse"] + terms["vb"],
                              rtol=1e-6)
-  grad_vb = jax.grad(lambda o: jnp.sum(
-      diff.training_losses(o, x0, xt, t, noise)["vb"]))(out)
+  grad_vb = jax.jit(jax.grad(lambda o: jnp.sum(
+      diff.training_losses(o, x0, xt, t, noise)["vb"])))(out)
   assert float(jnp.abs(grad_vb[..., :3]).max()) == 0.0  # frozen mean
   assert float(jnp.abs(grad_vb[..., 3:]).max()) > 0.0   # trains sigma
   # DiT's default loss is NOT rescaled; "rescaled_mse" multiplies vb by
@@ -191,8 +191,9 @@ def test_hybrid_loss_terms_and_stop_gradient(diff):
   plain = gaussian.GaussianDiffusion(betas, loss_type="mse")
   scaled = gaussian.GaussianDiffusion(betas, loss_type="rescaled_mse")
   xt = plain.q_sample(x0, t // 2, noise)
-  vb_plain = plain.training_losses(out, x0, xt, t // 2, noise)["vb"]
-  vb_scaled = scaled.training_losses(out, x0, xt, t // 2, noise)["vb"]
+  vb_plain = jax.jit(plain.training_losses)(out, x0, xt, t // 2, noise)["vb"]
+  vb_scaled = jax.jit(scaled.training_losses)(out, x0, xt, t // 2,
+                                               noise)["vb"]
   np.testing.assert_allclose(vb_scaled, 0.5 * vb_plain, rtol=1e-6)
 
 
