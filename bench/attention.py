@@ -7,7 +7,8 @@ forward and forward+backward, for several grids and radii.
 
 Fields: what, mode (fwd | fwd_bwd), shape, device, jax, time_ms (median),
 tflops (effective: FLOPs of the visible query/key pairs only, i.e. the
-unmasked FLOPs, per second; backward counted as 2.5x forward), visited
+unmasked FLOPs, per second; backward counted as 2.5x forward;
+tflops_dense_equiv counts all N^2 pairs instead), visited
 (fraction of key blocks the kernel visits), speedup (dense time / time) and,
 for the kernel, target_ratio = time / (dense time x visited fraction): 1.0
 means the kernel runs as fast per visited block as dense attention.
@@ -18,6 +19,7 @@ CPU:  python bench/attention.py --smoke   (tiny sizes, interpret mode)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -27,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.local_attention import (BlockSizes, _geometry,
-                                            local_attention)
-from pallas_kernels.local_attention_geometry import block_table
+from pallas_kernels.local_attention import (BlockSizes, local_attention,
+                                            visited_fraction)
 
 
 def _time_ms(fn, args, warmup, iters):
@@ -93,18 +94,29 @@ def main():
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--no_masked", action="store_true",
                  help="skip dense attention with an explicit mask")
+  p.add_argument("--tile", default="", help="e.g. 8x16 (tuning)")
+  for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd",
+               "num_warps", "num_stages"):
+    p.add_argument(f"--{name}", type=int, default=None, help="tuning")
   args = p.parse_args()
   if args.smoke:
     args.grids, args.radii = "8x16", "2"
     args.batch, args.heads, args.head_dim = 1, 2, 32
     args.dtype, args.warmup, args.iters = "float32", 1, 2
 
+  tuning = {n: getattr(args, n) for n in (
+      "block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps",
+      "num_stages") if getattr(args, n) is not None}
+  if args.tile:
+    tuning["tile"] = tuple(int(x) for x in args.tile.split("x"))
   dev = jax.devices()[0]
   on_gpu = dev.platform == "gpu"
   dtype = jnp.dtype(args.dtype)
   impl = "auto" if dev.platform in ("gpu", "tpu") else "pallas"
   base = dict(device=dev.device_kind, platform=dev.platform,
-              jax=jax.__version__)
+              jax=jax.__version__, tuning={
+                  k: list(v) if isinstance(v, tuple) else v
+                  for k, v in tuning.items()})
 
   def emit(**kw):
     print(json.dumps({**kw, **base}), flush=True)
@@ -141,17 +153,19 @@ def main():
     for r in (int(x) for x in args.radii.split(",")):
       pairs = _visible_pairs(grid, r, args.shape)
       flops = 4.0 * args.batch * args.heads * pairs * args.head_dim
-      geo = _geometry(grid, r, args.shape)
       bs = BlockSizes.get_default("tpu" if dev.platform == "tpu" else "gpu")
-      visited = {
-          "fwd": (lambda t: t.visited / t.pairs)(
-              block_table(geo, bs.block_q, bs.block_k)),
-          "fwd_bwd": (lambda t: t.visited / t.pairs)(
-              block_table(geo, bs.block_q_bwd, bs.block_k_bwd))}
+      bs = dataclasses.replace(bs, **tuning)
+      vis_fwd, vis_bwd = visited_fraction(
+          grid, r, args.shape, bs,
+          "tpu" if dev.platform == "tpu" else "gpu")
+      # fwd+bwd: forward is 1 of the 3.5 FLOP units, backward 2.5.
+      visited = {"fwd": vis_fwd,
+                 "fwd_bwd": (vis_fwd + 2.5 * vis_bwd) / 3.5}
       info = dict(shape_info, window=r, window_shape=args.shape,
                   visible_fraction=pairs / n / n)
       local = functools.partial(local_attention, grid_shape=grid, window=r,
-                                shape=args.shape, impl=impl)
+                                shape=args.shape, impl=impl,
+                                block_sizes=bs if tuning else None)
       cases = [("local_attention", [local])]
       if not args.no_masked:
         mask = _window_mask(grid, r, args.shape)
@@ -174,7 +188,8 @@ def main():
             continue
           mult = 1.0 if mode == "fwd" else 3.5
           rec = dict(what=what, mode=mode, shape=info, time_ms=ms,
-                     tflops=mult * flops / ms / 1e9)
+                     tflops=mult * flops / ms / 1e9,
+                     tflops_dense_equiv=mult * fwd_flops_dense / ms / 1e9)
           if mode in dense_ms:
             rec["speedup"] = dense_ms[mode] / ms
           if what == "local_attention":

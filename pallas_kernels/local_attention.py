@@ -103,9 +103,10 @@ def _geometry(grid, window, shape, tile=None) -> Geometry:
   else:
     window = min(window, max(grid) - 1)
   tile = tuple(tile or _default_tile(len(grid)))
-  if len(tile) != len(grid):
-    raise ValueError(f"block_sizes.tile must have rank {len(grid)}, got "
-                     f"{tile}")
+  if len(tile) != len(grid) or not all(
+      isinstance(t, int) and t > 0 and t & (t - 1) == 0 for t in tile):
+    raise ValueError(f"block_sizes.tile must be {len(grid)} powers of two, "
+                     f"got {tile}")
   return Geometry(grid, tile, int(window), shape)
 
 
@@ -113,15 +114,18 @@ def _geometry(grid, window, shape, tile=None) -> Geometry:
 
 
 def local_attention_reference(q, k, v, *, grid_shape, window,
-                              shape="circle", query_chunk=2048):
+                              shape="circle", query_chunk=None):
   """Pure-jnp oracle: dense masked softmax in float32, chunked over queries.
 
   Queries are processed `query_chunk` at a time (rematerialised in the
-  backward pass), so memory is O(query_chunk * N) rather than O(N^2).
+  backward pass), so memory is O(query_chunk * N) rather than O(N^2). The
+  default chunk keeps each chunk's logits under 2^28 floats (1 GiB).
   """
   grid = _check(q, k, v, grid_shape, window, shape)
   geo = _geometry(grid, window, shape)
   b, n, h, d = q.shape
+  if query_chunk is None:
+    query_chunk = max(256, (1 << 28) // (b * h * n))
   coords = jnp.asarray(geo.coords())
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
   hi = jax.lax.Precision.HIGHEST
@@ -192,12 +196,37 @@ def _kernel_config(q, geo, block_sizes, backend, interpret):
   d = q.shape[-1]
   dp = max(16, pl_next_pow2(d)) if backend == "gpu" else -(-d // 128) * 128
   clamp = lambda x: min(x, geo.tile_size)
+  blocks = [clamp(x) for x in (bs.block_q, bs.block_k, bs.block_q_bwd,
+                               bs.block_k_bwd)]
+  least = 16 if backend == "gpu" else 8  # Triton dots; TPU sublanes
+  if min(blocks) < least or any(x & (x - 1) for x in blocks):
+    raise ValueError(f"block sizes (after clamping to the tile size "
+                     f"{geo.tile_size}) must be powers of two >= {least}, "
+                     f"got {blocks}")
   warps = bs.num_warps or (4 if dp <= 64 else 8)
   return gpu_kernels.Config(
-      geo=geo, head_dim=dp, scale=d ** -0.5, block_q=clamp(bs.block_q),
-      block_k=clamp(bs.block_k), block_q_bwd=clamp(bs.block_q_bwd),
-      block_k_bwd=clamp(bs.block_k_bwd), backend=backend,
+      geo=geo, head_dim=dp, scale=d ** -0.5, block_q=blocks[0],
+      block_k=blocks[1], block_q_bwd=blocks[2], block_k_bwd=blocks[3],
+      backend=backend,
       interpret=interpret, num_warps=warps, num_stages=bs.num_stages)
+
+
+def visited_fraction(grid_shape, window, shape="circle",
+                     block_sizes: BlockSizes | None = None,
+                     backend: str = "gpu") -> tuple[float, float]:
+  """Fraction of (query block, key block) pairs the kernels visit.
+
+  Returns:
+    (forward, backward) fractions for the given blocks (as the kernel
+    config clamps them); 1.0 would be dense attention.
+  """
+  grid = tuple(grid_shape)
+  geo = _geometry(grid, window, shape,
+                  block_sizes.tile if block_sizes else None)
+  cfg = _kernel_config(jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.float32), geo,
+                       block_sizes, backend, False)
+  fwd, bwd = cfg.table(), cfg.table(bwd=True)
+  return fwd.visited / fwd.pairs, bwd.visited / bwd.pairs
 
 
 def pl_next_pow2(x: int) -> int:

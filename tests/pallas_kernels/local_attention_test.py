@@ -282,6 +282,17 @@ class ValidationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, match):
       local_attention_fn(q, q, q, **kw)
 
+  @parameterized.parameters(
+      (la.BlockSizes(tile=(4, 6)), "tile"),
+      (la.BlockSizes(tile=(4, 4, 4)), "tile"),
+      (la.BlockSizes(tile=(2, 4)), "block sizes"),
+      (la.BlockSizes(block_k=48), "block sizes"))
+  def test_bad_block_sizes(self, bs, match):
+    q = jnp.zeros((1, 16, 2, 8))
+    with self.assertRaisesRegex(ValueError, match):
+      local_attention_fn(q, q, q, grid_shape=(4, 4), window=1, impl="pallas",
+                         block_sizes=bs)
+
   def test_mismatched_inputs(self):
     q = jnp.zeros((1, 16, 2, 8))
     kw = dict(grid_shape=(4, 4), window=1)
