@@ -124,6 +124,7 @@ class DDPM(objective.Objective):
     idx = np.arange(n)[::-1]
     model_t = jnp.asarray(tmap[idx], jnp.float32)
     keys = jax.random.split(key, n)
+    stochastic = self.is_stochastic(sampler, options)
     if sampler == "ddim":
       eta = float(options["eta"])
       abar = diffusion.alphas_cumprod[idx]
@@ -143,15 +144,15 @@ class DDPM(objective.Objective):
       tm = jnp.full((b,), t_model)
       out = fn(x, tm, self.normalized_time(tm))
       p = diffusion.p_mean_variance(out, x, t)
-      z = jax.random.normal(k, x.shape, jnp.float32)
-      nonzero = (i > 0).astype(jnp.float32)
+      if stochastic:  # No noise at the last step (i = 0), as in ADM.
+        z = jax.random.normal(k, x.shape, jnp.float32)
+        z = z * (i > 0).astype(jnp.float32)
       if sampler == "ddpm":
-        x = p["mean"] + nonzero * jnp.exp(0.5 * p["log_variance"]) * z
-      else:
-        # ADM re-derives eps from the (possibly clipped) x0 prediction.
-        eps = diffusion.eps_from_xstart(x, t, p["pred_xstart"])
-        x = c_x0 * p["pred_xstart"] + c_eps * eps + nonzero * c_noise * z
-      return x, None
+        return p["mean"] + jnp.exp(0.5 * p["log_variance"]) * z, None
+      # ADM re-derives eps from the (possibly clipped) x0 prediction.
+      eps = diffusion.eps_from_xstart(x, t, p["pred_xstart"])
+      x = c_x0 * p["pred_xstart"] + c_eps * eps
+      return (x + c_noise * z if stochastic else x), None
 
     xs = (jnp.asarray(idx, jnp.int32), model_t, keys, consts)
     x, _ = jax.lax.scan(body, noise, xs)
