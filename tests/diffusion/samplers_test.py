@@ -14,7 +14,6 @@ import functools
 
 import diffusion_oracles as oracles
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
