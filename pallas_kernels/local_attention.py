@@ -193,8 +193,11 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def _kernel_config(q, geo, block_sizes, backend, interpret):
   bs = block_sizes or BlockSizes.get_default(backend)
+  if block_sizes is None and backend == "gpu" and q.dtype.itemsize > 2:
+    # 32-bit tiles: halve the query block to stay well inside shared memory.
+    bs = dataclasses.replace(bs, block_q=64)
   d = q.shape[-1]
-  dp = max(16, pl_next_pow2(d)) if backend == "gpu" else -(-d // 128) * 128
+  dp = max(16, _next_pow2(d)) if backend == "gpu" else -(-d // 128) * 128
   clamp = lambda x: min(x, geo.tile_size)
   blocks = [clamp(x) for x in (bs.block_q, bs.block_k, bs.block_q_bwd,
                                bs.block_k_bwd)]
@@ -207,8 +210,8 @@ def _kernel_config(q, geo, block_sizes, backend, interpret):
   return gpu_kernels.Config(
       geo=geo, head_dim=dp, scale=d ** -0.5, block_q=blocks[0],
       block_k=blocks[1], block_q_bwd=blocks[2], block_k_bwd=blocks[3],
-      backend=backend,
-      interpret=interpret, num_warps=warps, num_stages=bs.num_stages)
+      backend=backend, interpret=interpret, num_warps=warps,
+      num_stages=bs.num_stages)
 
 
 def visited_fraction(grid_shape, window, shape="circle",
@@ -223,13 +226,13 @@ def visited_fraction(grid_shape, window, shape="circle",
   grid = tuple(grid_shape)
   geo = _geometry(grid, window, shape,
                   block_sizes.tile if block_sizes else None)
-  cfg = _kernel_config(jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.float32), geo,
-                       block_sizes, backend, False)
+  cfg = _kernel_config(jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bfloat16),
+                       geo, block_sizes, backend, False)
   fwd, bwd = cfg.table(), cfg.table(bwd=True)
   return fwd.visited / fwd.pairs, bwd.visited / bwd.pairs
 
 
-def pl_next_pow2(x: int) -> int:
+def _next_pow2(x: int) -> int:
   return 1 << (x - 1).bit_length()
 
 
