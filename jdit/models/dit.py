@@ -96,7 +96,7 @@ class DiTBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, grid_shape, deterministic=True):
+  def __call__(self, x, c, grid_shape, deterministic=True, t=None):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         adaln_modulation(c, 6, dtype=self.dtype, param_dtype=self.param_dtype))
     mixer = mixers.get_mixer(self.mixer)(
@@ -108,10 +108,12 @@ class DiTBlock(nn.Module):
               deterministic=deterministic)
     x = x + gate_msa[:, None] * h
     h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
-    h = get_feedforward(self.mlp)(
-        hidden=int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-        param_dtype=self.param_dtype, **dict(self.mlp_options or {}),
-        name="mlp")(h.astype(self.dtype), c, deterministic)
+    ff = get_feedforward(self.mlp)
+    # Feed-forwards that route by timestep (MoE's diffusion prior) get t.
+    extra = {"t": t} if getattr(ff, "uses_timesteps", False) else {}
+    h = ff(hidden=int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+           param_dtype=self.param_dtype, **dict(self.mlp_options or {}),
+           name="mlp")(h.astype(self.dtype), c, deterministic, **extra)
     x = x + gate_mlp[:, None] * h
     return nn.with_logical_constraint(x, ACT)
 
@@ -234,7 +236,7 @@ class DiT(nn.Module):
       x = block(self.num_heads, self.mlp_ratio, self.mixer,
                 self.mixer_options, self.mlp, self.mlp_options,
                 name=f"blocks_{i}", **kw)(
-                    x, c, (gh, gw), not train)
+                    x, c, (gh, gw), not train, t)
     x = FinalLayer(p, self.out_channels, name="final_layer", **kw)(x, c)
     # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).
     x = x.reshape(b, gh, gw, p, p, self.out_channels)

@@ -313,6 +313,8 @@ class MoE(nn.Module):
   dispatch: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # DiTBlock passes the timesteps t to feed-forwards that set this.
+  uses_timesteps = True
 
   def __post_init__(self):
     super().__post_init__()

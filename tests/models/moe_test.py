@@ -160,6 +160,27 @@ def test_dit_with_moe_forward_backward_finite(act):
   assert float(jnp.abs(router).sum()) > 0   # the aux losses reach the router
 
 
+def test_prior_loss_inside_dit_gets_timesteps():
+  model = build_model("DiT-S/2", depth=1, hidden_size=16, num_heads=2,
+                      input_size=4, in_channels=1, num_classes=3, mlp="moe",
+                      remat="full",
+                      mlp_options=dict(num_experts=4, top_k=1,
+                                       prior_loss_weight=1.0,
+                                       router_input="tokens+c"))
+  x = jnp.ones((2, 4, 4, 1))
+  y = jnp.array([0, 1])
+
+  @jax.jit
+  def prior_loss(t):
+    params = model.init(jax.random.key(0), x, t, y)["params"]
+    _, state = model.apply({"params": params}, x, t, y, mutable=["aux_loss"])
+    return state["aux_loss"]["blocks_0"]["mlp"]["prior_loss"][0]
+
+  early, late = prior_loss(jnp.zeros(2)), prior_loss(jnp.full((2,), 999.0))
+  assert float(early) > 0 and float(late) > 0
+  assert abs(float(early) - float(late)) > 1e-4   # the prior depends on t
+
+
 # --- expert parallelism -----------------------------------------------------------
 
 
@@ -292,3 +313,27 @@ def test_shard_map_dispatch_needs_a_mesh():
   m = moe.MoE(hidden=8, num_experts=4, dispatch="shard_map")
   with pytest.raises(ValueError, match="needs a mesh"):
     jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2, 4, 8)))
+
+
+# --- config -------------------------------------------------------------------------
+
+
+def test_configs_build_moe_models():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from jdit import sampling  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                      "dit_moe.py")
+  spec = importlib.util.spec_from_file_location("dit_moe_config", path)
+  config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config)
+  model, _ = sampling.model_from_config(config.get_config())
+  assert model.mlp == "moe" and model.input_size == 8
+  assert model.mlp_options["num_experts"] == 8
+  c = config.get_config("imagenet,model=DiT-MoE-B/2-8E2A")
+  model, _ = sampling.model_from_config(c)
+  assert (model.hidden_size, model.input_size, model.num_classes) == (
+      768, 32, 1000)
+  assert c.mesh.expert == -1
+  with pytest.raises(ValueError, match="variant"):
+    config.get_config("cifar")
