@@ -147,8 +147,7 @@ class Flow(objective.Objective):
     x0 = jnp.asarray(x0, jnp.float32)
     c = x0.shape[-1]
     # `key`: one key, or (B,) per-example keys (see draw_time_and_noise).
-    t, eps = objective.draw_time_and_noise(key, self.sample_time,
-                                               x0.shape)
+    t, eps = objective.draw_time_and_noise(key, self.sample_time, x0.shape)
     x_t, u = paths.interpolate(self.path, x0, eps, t)
     out = model_fn(x_t, self.model_time(t), y).astype(jnp.float32)
     if out.shape[-1] not in (c, 2 * c):

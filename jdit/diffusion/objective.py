@@ -102,7 +102,6 @@ def draw_time_and_noise(key, draw_time, shape):
   Returns:
     (t of shape (B,), noise of shape `shape`, float32).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
   if key.ndim == 0:

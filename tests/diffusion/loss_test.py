@@ -187,3 +187,20 @@ def test_model_time_conventions():
   flow = diffusion.create("flow", cfg, learn_sigma=False)
   np.testing.assert_allclose(flow.model_time(jnp.array([0.0, 0.25])),
                              [1.0, 0.75])
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_per_example_keys_split_into_micro_batches(objective):
+  """With (B,) keys, example i's draws depend on key i only (grad accum)."""
+  data = oracles.diag_gaussian()
+  x0 = _data_batch(data, 8)
+  obj = diffusion.create(objective, None, learn_sigma=objective == "ddpm")
+  model_fn = lambda x, t, y: jnp.concatenate(
+      [0.5 * x + 1e-4 * t[:, None, None, None]] * (2 if objective == "ddpm"
+                                                   else 1), -1)
+  keys = jax.random.split(jax.random.key(0), 8)
+  loss = jax.jit(lambda x, k: obj.loss(model_fn, x, k)[0])
+  halves = [loss(x0[:4], keys[:4]), loss(x0[4:], keys[4:])]
+  np.testing.assert_allclose(loss(x0, keys), np.mean(halves), rtol=1e-5)
+  with pytest.raises(ValueError, match="per-example keys"):
+    obj.loss(model_fn, x0, keys[:3])
