@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pallas_kernels
 
-from jdit.models.mixers import out_projection, qkv_projection, register_mixer
+from jdit.models.mixers import (Projection, out_projection, qkv_projection,
+                                register_mixer)
 
 
 def _per_axis(value, grid_shape, what: str) -> tuple[int, ...]:
@@ -267,19 +268,9 @@ class WindowAttention(nn.Module):
 def _head_projection(x, parts, num_heads, *, dtype, param_dtype, name):
   """(B, L, D) -> (B, L, parts, heads, head_dim), like qkv_projection."""
   d = x.shape[-1]
-  fan_out = parts * d
-
-  def init(key, shape, dtype=jnp.float32):
-    limit = (6.0 / (d + fan_out)) ** 0.5  # xavier over the flat (D, parts*D)
-    return jax.random.uniform(key, shape, dtype, -limit, limit)
-
-  return nn.DenseGeneral(
-      (parts, num_heads, d // num_heads), dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-          init, ("embed", None, "heads", "kv")),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), (None, "heads", "kv")),
-      name=name)(x)
+  return Projection((d,), (parts, num_heads, d // num_heads),
+                    ("embed", None, "heads", "kv"), dtype=dtype,
+                    param_dtype=param_dtype, name=name)(x)
 
 
 def _pool(x, grid_shape, window):
