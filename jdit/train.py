@@ -98,8 +98,16 @@ def _restore_or_init(mngr, model, tx, mesh, rules, config):
   return state, int(out["meta"]["data_step"])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains as configured, resuming from `workdir`; returns final metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        stop_at: int | None = None) -> dict:
+  """Trains as configured, resuming from `workdir`; returns final metrics.
+
+  Args:
+    config: see configs/default.py.
+    workdir: checkpoints, metrics.jsonl, TensorBoard events, sample grids.
+    stop_at: stop after this step (checkpointing it) as if interrupted;
+      a later run() with the same config resumes and continues exactly.
+  """
   validate_config(config)
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -142,8 +150,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   step = start
+  end = config.total_steps if stop_at is None else min(stop_at,
+                                                        config.total_steps)
   with sharding.use_mesh(mesh, rules):
-    while step < config.total_steps:
+    while step < end:
       batch = sharding.global_batch(pipeline.batch(step), mesh)
       state, metrics = train_step(state, batch)
       window.append(metrics)
@@ -159,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.2f}")
         window, t0 = [], time.time()
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
+      if step % config.checkpoint_every == 0 or step == end:
         if window:  # never checkpoint a NaN state
           _check_finite(float(jax.device_get(window[-1]["loss"])), step, mngr)
         checkpoint.save(mngr, step, params=state.params,
@@ -167,7 +177,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         meta={**meta, "step": step, "data_step": step})
   bar.close()
   writer.close()
-  if config.get("sample") and config.sample.get("per_class", 0) > 0:
+  if step == config.total_steps and config.get("sample") and (
+      config.sample.get("per_class", 0) > 0):
     write_sample_grid(config, model, objective, state.ema_params, mesh, workdir,
                       step)
   return last

@@ -9,3 +9,44 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  """Loads configs/<name>.py and returns get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(
+      f"configs_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """A TFDS data dir shared by the session (the digits get prepared once)."""
+  path = tmp_path_factory.mktemp("tfds")
+  os.environ["TFDS_DATA_DIR"] = str(path)
+  return str(path)
+
+
+@pytest.fixture
+def tiny_config(tfds_dir):
+  """The digits default shrunk to run a few steps in seconds."""
+  c = load_config("default")
+  c.data.data_dir = tfds_dir
+  c.batch_size = 16
+  c.total_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.model.depth = 1
+  c.model.hidden_size = 32
+  c.model.num_heads = 2
+  c.optim.warmup_steps = 1
+  c.sample.per_class = 0
+  return c
