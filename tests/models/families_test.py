@@ -71,3 +71,13 @@ def test_dit_sizes_follow_the_paper():
   for size, width in (("S", 384), ("B", 768), ("L", 1024), ("XL", 1152)):
     assert MODELS[f"DiT-{size}/2-local"][1]["hidden_size"] == width
     assert MODELS[f"DiM-{size}/2"][1]["hidden_size"] == width
+
+
+def test_flops_cli_prints_paper_column(capsys):
+  from jdit.models.flops import main
+  main(["--models", "DiT-XL/2,DiT-XL/2-local"])
+  out = capsys.readouterr().out.splitlines()
+  assert "paper GFLOPs" in out[0]
+  xl = out[1].split()
+  assert xl[0] == "DiT-XL/2" and xl[3] == "237.28"
+  assert out[2].split()[0] == "DiT-XL/2-local"
