@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import selective_scan_calls as calls
 from pallas_kernels import selective_scan_kernels as k
 
 F32 = jnp.float32
@@ -162,7 +163,7 @@ def scan(cfg, u, delta, A, B, C, D, z, bias):
 
 def _scan_fwd(cfg, u, delta, A, B, C, D, z, bias):
   lay, args = _prepare(cfg, u, delta, A, B, C, D, z, bias)
-  y, last, states = k.forward(cfg, *args)
+  y, last, states = calls.forward(cfg, *args)
   y = lay.unseq(y).astype(u.dtype)
   last = jnp.swapaxes(lay.unchan(last)[:, :lay.state], 1, 2)
   return (y, last), (u, delta, A, B, C, D, z, bias, states)
@@ -178,7 +179,7 @@ def _scan_bwd(cfg, res, cts):
     dy = dy.astype(F32)
   dlast = lay.chan(jnp.pad(jnp.swapaxes(dlast.astype(F32), 1, 2),
                            ((0, 0), (0, lay.np - lay.state), (0, 0))))
-  du, ddelta, dz, da, dd, db, dbp, dcp = k.backward(
+  du, ddelta, dz, da, dd, db, dbp, dcp = calls.backward(
       cfg, *args, states, dy, dlast)
   # Deterministic reductions of the per-program partials: the channel tiles
   # of each group hold partial dB/dC; batches hold partial dA/dD/dbias.

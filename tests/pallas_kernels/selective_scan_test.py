@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import selective_scan_calls as ssc
 from pallas_kernels import selective_scan_kernels as ssk
 from pallas_kernels import selective_scan_pallas as ssp
 
@@ -237,7 +238,7 @@ def test_poison_control_detects_unwritten_output():
     o_ref[pl.ds(0, 1), :] = x_ref[pl.ds(0, 1), :]
 
   spec = pl.BlockSpec((8, 8), lambda i: (0, i))
-  (out,) = ssk._call(cfg, kernel, (2,), [jnp.ones((8, 16))], [spec],
+  (out,) = ssc._call(cfg, kernel, (2,), [jnp.ones((8, 16))], [spec],
                      [jax.ShapeDtypeStruct((8, 16), jnp.float32)], [spec], [],
                      "control")
   assert not np.isnan(out[0]).any() and np.isnan(out[1:]).all()
@@ -253,8 +254,8 @@ def test_poisoned_outputs_fully_written(backend, has_z):
   z = arrs["z"] if has_z else None
   _, args = ssp._prepare(cfg, arrs["u"], arrs["delta"], arrs["A"], arrs["B"],
                          arrs["C"], arrs["D"], z, arrs["delta_bias"])
-  y, last, states = ssk.forward(cfg, *args)
-  grads = ssk.backward(cfg, *args, states, y, last)
+  y, last, states = ssc.forward(cfg, *args)
+  grads = ssc.backward(cfg, *args, states, y, last)
   outs = [y, last, states] + [g for g in grads if g is not None]
   assert len(outs) == 3 + 7 + has_z
   for i, o in enumerate(outs):
