@@ -24,7 +24,7 @@ def make_mesh(data=1, fsdp=1, tensor=1, expert=1):
               AXES)
 
 
-# --- routing and capacity on hand-built logits --------------------------------
+# --- routing and capacity on hand-built logits -------------------------------
 
 
 def test_capacity_formula():
@@ -78,7 +78,7 @@ def test_combine_weights_sum():
   assert float(r.dispatch.sum(1).max()) == 1.0
 
 
-# --- auxiliary losses -----------------------------------------------------------
+# --- auxiliary losses --------------------------------------------------------
 
 
 def test_balance_loss_is_one_for_uniform_routing():
@@ -133,7 +133,7 @@ def test_moe_sows_weighted_losses():
     apply(params, None)
 
 
-# --- inside a DiT ---------------------------------------------------------------
+# --- inside a DiT ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
@@ -181,7 +181,7 @@ def test_prior_loss_inside_dit_gets_timesteps():
   assert abs(float(early) - float(late)) > 1e-4   # the prior depends on t
 
 
-# --- expert parallelism -----------------------------------------------------------
+# --- expert parallelism ------------------------------------------------------
 
 
 def _moe_loss(m, c):
@@ -257,7 +257,7 @@ def test_dit_moe_xl_16_experts_train_step_on_8_devices():
                              rtol=1e-5)
 
 
-# --- named models -----------------------------------------------------------------
+# --- named models ------------------------------------------------------------
 
 
 def test_param_counts_match_paper():
@@ -272,7 +272,7 @@ def test_param_counts_match_paper():
     assert abs(active / active_paper - 1) < 0.03, name
 
 
-# --- bad inputs ---------------------------------------------------------------------
+# --- bad inputs --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -315,7 +315,7 @@ def test_shard_map_dispatch_needs_a_mesh():
     jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2, 4, 8)))
 
 
-# --- config -------------------------------------------------------------------------
+# --- config ------------------------------------------------------------------
 
 
 def test_configs_build_moe_models():
