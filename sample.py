@@ -53,6 +53,9 @@ def parse_interval(text: str) -> tuple[float, float]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # orbax and tfds log every save/restore at INFO; keep the console readable.
+  if logging.get_verbosity() == logging.INFO:
+    logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed()
   params, config = checkpoint.load_for_sampling(_CKPT.value)
   model, objective = sampling.model_from_config(config)

@@ -5,7 +5,7 @@
 
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jdit.train
@@ -20,6 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # orbax and tfds log every save/restore at INFO; keep the console readable.
+  if logging.get_verbosity() == logging.INFO:
+    logging.set_verbosity(logging.WARNING)
   jdit.train.run(_CONFIG.value, _WORKDIR.value)
 
 
