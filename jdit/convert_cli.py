@@ -15,6 +15,7 @@ into a temporary directory beside DIR, which is renamed when complete.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib.util
 import os
@@ -31,12 +32,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIGS = ("dit_imagenet256.py", "default.py")
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str):
-  """Yields a temporary directory that becomes `out` on success."""
+def check_out_dir(out: str) -> str:
+  """Fails early (before any work) when --out is taken."""
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise FileExistsError(f"--out {out} exists and is not empty")
+  return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str):
+  """Yields a temporary directory that becomes `out` on success."""
+  out = check_out_dir(out)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -64,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
                           f"{REPO_ROOT}/configs")
 
 
-def sampling_config(name: str, model, vae_path: str | None,
+def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
                     scale_factor: float) -> ml_collections.ConfigDict:
   """The base recipe's config, with model.* describing `model` exactly."""
   config = base_config()
@@ -75,7 +82,8 @@ def sampling_config(name: str, model, vae_path: str | None,
     # Keep every model field the recipe sets, but with the converted model's
     # value, so that overrides in the recipe cannot contradict the weights.
     for key in list(old.keys()) + ["input_size", "in_channels",
-                                   "num_classes", "learn_sigma"]:
+                                   "num_classes", "learn_sigma"] + list(
+                                       overrides):
       if key == "name" or not hasattr(model, key):
         continue
       value = getattr(model, key)
@@ -94,9 +102,21 @@ def sampling_config(name: str, model, vae_path: str | None,
   return config
 
 
+def parse_override(text: str) -> tuple[str, object]:
+  """"depth=2" -> ("depth", 2); values are Python literals or strings."""
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise ValueError(f"--override must be key=value, got {text!r}")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
 def convert_dit(args) -> str:
+  check_out_dir(args.out)
   sd = convert.load_state_dict(args.checkpoint)
-  overrides = {}
+  overrides = dict(parse_override(o) for o in args.override)
   for key in ("in_channels", "num_classes", "input_size"):
     if getattr(args, key) is not None:
       overrides[key] = getattr(args, key)
@@ -125,9 +145,9 @@ def convert_dit(args) -> str:
     if vae_model is not None:
       os.makedirs(os.path.join(tmp, "vae"))
       vae_lib.save_vae(os.path.join(tmp, "vae"),
-                       vae_model.replace(scale_factor=scale), vae_params)
+                       vae_model.clone(scale_factor=scale), vae_params)
       vae_path = os.path.join(out, "vae")  # where it will be after rename
-    config = sampling_config(args.model, model, vae_path,
+    config = sampling_config(args.model, model, overrides, vae_path,
                              scale if scale is not None
                              else vae_lib.SD_VAE_SCALE_FACTOR)
     checkpoint.save_for_sampling(tmp, params, config)
@@ -139,6 +159,7 @@ def convert_dit(args) -> str:
 
 
 def convert_vae_cmd(args) -> str:
+  check_out_dir(args.out)
   model, params = convert_vae.load_diffusers_vae(
       args.checkpoint, scale_factor=args.scale_factor,
       norm_num_groups=args.norm_num_groups)
@@ -163,6 +184,10 @@ def main(argv=None):
   d.add_argument("--in_channels", type=int, default=None)
   d.add_argument("--num_classes", type=int, default=None)
   d.add_argument("--learn_sigma", choices=("true", "false"), default=None)
+  d.add_argument("--override", action="append", default=[],
+                 metavar="KEY=VALUE",
+                 help="another build_model override, e.g. depth=2 "
+                      "(repeatable), for checkpoints of non-standard sizes")
   d.add_argument("--vae", default=None,
                  help="diffusers VAE (directory or weight file) or a "
                       "directory from `jdit.convert vae`; copied to DIR/vae")
