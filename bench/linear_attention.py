@@ -154,6 +154,7 @@ def main():
   p.add_argument("--chunk", type=int, default=d.chunk)
   p.add_argument("--target_programs", type=int, default=d.target_programs)
   p.add_argument("--min_split_rows", type=int, default=d.min_split_rows)
+  p.add_argument("--tiles_per_program", type=int, default=d.tiles_per_program)
   p.add_argument("--num_warps", type=int, default=None, help="default: auto")
   p.add_argument("--num_stages", type=int, default=d.num_stages)
   a = p.parse_args()
@@ -164,7 +165,8 @@ def main():
   iters = 2 if a.smoke else a.iters
   bs = BlockSizes(block_n=a.block_n, chunk=a.chunk,
                   target_programs=a.target_programs,
-                  min_split_rows=a.min_split_rows, num_warps=a.num_warps,
+                  min_split_rows=a.min_split_rows,
+                  tiles_per_program=a.tiles_per_program, num_warps=a.num_warps,
                   num_stages=a.num_stages)
   causals = [c.strip().lower() == "true" for c in a.causal.split(",")]
   copy_gbs = copy_bandwidth_gbs((1 << 20) if a.smoke else (1 << 30), iters)

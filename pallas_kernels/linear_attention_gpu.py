@@ -42,13 +42,19 @@ class BlockSizes:
       splits reaches this (more programs hide memory latency) ...
     min_split_rows: ... but never below this many rows per split, since each
       split writes a partial state XLA must add up.
+    tiles_per_program: row tiles each program of the parallel (output,
+      dk/dv) kernels loops over, loading the (d, dv) state once for all.
     num_warps: Triton warps; None: 4 for padded head dims <= 64, else 8.
     num_stages: Triton software-pipelining stages.
+
+  Causal chunks above 64 overflow shared memory in the backward at padded
+  head dim 128 on H100 (seen: 321 KiB asked, 227 KiB there).
   """
   block_n: int = 64
   chunk: int = 64
   target_programs: int = 256
   min_split_rows: int = 1024
+  tiles_per_program: int = 4
   num_warps: int | None = None
   num_stages: int = 2
 
@@ -94,10 +100,17 @@ def _split_range(nt, splits):
 
 
 # Specs: (B, N, H, d) arrays seen as (rows, padded d) per (b, h).
-def _rows_spec(rows, dp, nt_axis=None):
-  if nt_axis is None:  # whole sequence; grid (B, H, ...)
-    return pl.BlockSpec((None, rows, None, dp), lambda b, h, *_: (b, 0, h, 0))
-  return pl.BlockSpec((None, rows, None, dp), lambda t, b, h: (b, t, h, 0))
+def _rows_spec(rows, dp, parallel=False):
+  """Whole-sequence block; grid (B, H, splits) or, parallel, (j, B, H)."""
+  if parallel:
+    return pl.BlockSpec((None, rows, None, dp), lambda j, b, h: (b, 0, h, 0))
+  return pl.BlockSpec((None, rows, None, dp), lambda b, h, *_: (b, 0, h, 0))
+
+
+def _program_tiles(nt, tpp):
+  """Tile range [lo, hi) of this program of a parallel kernel."""
+  lo = pl.program_id(0) * tpp
+  return lo, jnp.minimum(lo + tpp, nt)
 
 
 def _state_specs(dp, dvp, split):
@@ -137,15 +150,21 @@ def _reduce_kernel(k_ref, v_ref, s_ref, z_ref, *, n, d, dv, t, splits, fm, cd):
   _store(z_ref, 0, z, 0, 1, d)
 
 
-def _out_kernel(q_ref, s_ref, z_ref, o_ref, *, n, d, dv, eps, fm, cd):
-  t, dp = q_ref.shape
-  row0 = pl.program_id(0) * t
-  qf = tiles.features(_load(q_ref, 0, t, row0, n, d),
-                      tiles.valid_mask((t, dp), row0, n, d), fm)
-  s = _load(s_ref, 0, dp, 0, d, dv)
+def _out_kernel(q_ref, s_ref, z_ref, o_ref, *, n, d, dv, t, tpp, eps, fm, cd):
+  dp = q_ref.shape[-1]
+  # The state is loaded (and cast) once for all of this program's tiles.
+  s = _load(s_ref, 0, dp, 0, d, dv).astype(cd)
   z = _load(z_ref, 0, 1, 0, 1, d)
-  o, _ = tiles.out_tile(qf, s, z, eps, cd)
-  _store(o_ref, 0, o, row0, n, dv)
+
+  def body(i, carry):
+    row0 = pl.multiple_of(i * t, t)
+    qf = tiles.features(_load(q_ref, row0, t, row0, n, d),
+                        tiles.valid_mask((t, dp), row0, n, d), fm)
+    o, _ = tiles.out_tile(qf, s, z, eps, cd)
+    _store(o_ref, row0, o, row0, n, dv)
+    return carry
+
+  lax.fori_loop(*_program_tiles(pl.cdiv(n, t), tpp), body, 0)
 
 
 def nc_forward(q, k, v, *, fm, eps, bs, interpret):
@@ -168,11 +187,14 @@ def nc_forward(q, k, v, *, fm, eps, bs, interpret):
   # Adding the per-split partial states is tiny next to reading k and v.
   s, z = s.sum(2), z.sum(2)
   s_spec, z_spec = _state_specs(dp, dvp, False)
+  tpp = bs.tiles_per_program
   out = pl.pallas_call(
-      functools.partial(_out_kernel, n=n, d=d, dv=dv, eps=eps, fm=fm, cd=cd),
+      functools.partial(_out_kernel, n=n, d=d, dv=dv, t=t, tpp=tpp, eps=eps,
+                        fm=fm, cd=cd),
       out_shape=jax.ShapeDtypeStruct((b, n, h, dv), q.dtype),
-      grid=(nt, b, h), in_specs=[_rows_spec(t, dp, 0), s_spec, z_spec],
-      out_specs=_rows_spec(t, dvp, 0), compiler_params=params,
+      grid=(pl.cdiv(nt, tpp), b, h),
+      in_specs=[_rows_spec(nt * t, dp, True), s_spec, z_spec],
+      out_specs=_rows_spec(nt * t, dvp, True), compiler_params=params,
       interpret=interpret, name="linear_attention_out")(q, s, z)
   return out, (s, z)
 
@@ -205,19 +227,22 @@ def _bwd_q_kernel(q_ref, g_ref, s_ref, z_ref, ds_ref, dz_ref, dq_ref, *, n, d,
 
 
 def _bwd_kv_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, n, d, dv,
-                   fm, cd):
-  t, dp = k_ref.shape
-  dvp = v_ref.shape[-1]
-  row0 = pl.program_id(0) * t
-  k = _load(k_ref, 0, t, row0, n, d)
-  kf = tiles.features(k, tiles.valid_mask((t, dp), row0, n, d), fm)
-  v = _load(v_ref, 0, t, row0, n, dv)
-  ds = _load(ds_ref, 0, dp, 0, d, dv)
+                   t, tpp, fm, cd):
+  dp = k_ref.shape[-1]
+  ds = _load(ds_ref, 0, dp, 0, d, dv).astype(cd)
   dz = _load(dz_ref, 0, 1, 0, 1, d)
-  dk, dvv = tiles.bwd_kv_tile(k, kf, v, ds, dz, fm, cd)
-  _store(dk_ref, 0, dk, row0, n, d)
-  _store(dv_ref, 0, dvv, row0, n, dv)
-  del dvp
+
+  def body(i, carry):
+    row0 = pl.multiple_of(i * t, t)
+    k = _load(k_ref, row0, t, row0, n, d)
+    kf = tiles.features(k, tiles.valid_mask((t, dp), row0, n, d), fm)
+    v = _load(v_ref, row0, t, row0, n, dv)
+    dk, dvv = tiles.bwd_kv_tile(k, kf, v, ds, dz, fm, cd)
+    _store(dk_ref, row0, dk, row0, n, d)
+    _store(dv_ref, row0, dvv, row0, n, dv)
+    return carry
+
+  lax.fori_loop(*_program_tiles(pl.cdiv(n, t), tpp), body, 0)
 
 
 def nc_backward(q, k, v, s, z, g, *, fm, eps, bs, interpret):
@@ -243,13 +268,16 @@ def nc_backward(q, k, v, s, z, g, *, fm, eps, bs, interpret):
       name="linear_attention_bwd_q")(q, g, s, z)
   ds, dz = ds_p.sum(2), dz_p.sum(2)
   s_spec, z_spec = _state_specs(dp, dvp, False)
+  tpp = bs.tiles_per_program
+  spec_d, spec_v = _rows_spec(nt * t, dp, True), _rows_spec(nt * t, dvp, True)
   dk, dvv = pl.pallas_call(
-      functools.partial(_bwd_kv_kernel, n=n, d=d, dv=dv, fm=fm, cd=cd),
+      functools.partial(_bwd_kv_kernel, n=n, d=d, dv=dv, t=t, tpp=tpp, fm=fm,
+                        cd=cd),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      grid=(nt, b, h),
-      in_specs=[_rows_spec(t, dp, 0), _rows_spec(t, dvp, 0), s_spec, z_spec],
-      out_specs=[_rows_spec(t, dp, 0), _rows_spec(t, dvp, 0)],
+      grid=(pl.cdiv(nt, tpp), b, h),
+      in_specs=[spec_d, spec_v, s_spec, z_spec],
+      out_specs=[spec_d, spec_v],
       compiler_params=params, interpret=interpret,
       name="linear_attention_bwd_kv")(k, v, ds, dz)
   return dq, dk, dvv

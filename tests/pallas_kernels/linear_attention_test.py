@@ -30,9 +30,10 @@ la = importlib.import_module("pallas_kernels.linear_attention")
 
 TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles so tiny test shapes still cover several tiles, several causal
-# chunks and several reduction splits (with a ragged last tile).
+# chunks, several reduction splits and several tiles per program of the
+# parallel kernels, each with a ragged last one.
 SMALL = lgpu.BlockSizes(block_n=16, chunk=16, target_programs=64,
-                        min_split_rows=32)
+                        min_split_rows=32, tiles_per_program=2)
 
 
 def _inputs(shape, dtype=jnp.float32, dv=None, seed=0):
