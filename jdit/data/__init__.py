@@ -1,6 +1,7 @@
 """Input pipelines: TFDS sources read by step, deterministic and resumable."""
 from jdit.data.pipeline import (DATASETS, DatasetSpec, InputPipeline, get_spec,
                                 load_source)
+from jdit.data import latents  # registers imagenet_latents, ...
 
 __all__ = ["DATASETS", "DatasetSpec", "InputPipeline", "get_spec",
-           "load_source"]
+           "load_source", "latents"]

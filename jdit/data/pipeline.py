@@ -22,12 +22,29 @@ import tensorflow_datasets as tfds
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """How to read one dataset: its TFDS builder and how to turn examples
-  (dicts of numpy arrays) into model inputs x (float32, [-1, 1]) and y."""
+  (dicts of numpy arrays) into model inputs x (float32) and y.
+
+  Attributes:
+    builder: TFDS builder name.
+    shape: (H, W, C) of x, as the model sees it.
+    num_classes: labels are in [0, num_classes).
+    to_model: batch -> (x, y); with `random`, (batch, rngs) -> (x, y), where
+      rngs holds one numpy Generator per example, seeded by (seed, step,
+      position in the global batch), so draws survive resume and do not
+      depend on the number of hosts.
+    builder_module: imported first to register the builder.
+    random: whether to_model takes rngs (e.g. latents sampled from moments).
+    load: (split, data_dir) -> random-access source, for datasets written
+      by a tool (jdit.data.extract_latents) rather than prepared by a
+      registered builder; None = tfds.builder(builder).download_and_prepare.
+  """
   builder: str
   shape: tuple[int, ...]
   num_classes: int
-  to_model: Callable[[dict], tuple[np.ndarray, np.ndarray]]
-  builder_module: str | None = None  # imported first to register the builder
+  to_model: Callable[..., tuple[np.ndarray, np.ndarray]]
+  builder_module: str | None = None
+  random: bool = False
+  load: Callable[[str, str], Any] | None = None
 
 
 def _images_uint8(batch: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +72,8 @@ def default_data_dir() -> str:
 def load_source(name: str, split: str = "train", data_dir: str = ""):
   """Prepares the dataset if needed and returns a random-access source."""
   spec = get_spec(name)
+  if spec.load is not None:
+    return spec.load(split, data_dir)
   if spec.builder_module:
     __import__(spec.builder_module)
   builder = tfds.builder(spec.builder, data_dir=data_dir or default_data_dir(),
@@ -100,7 +119,12 @@ class InputPipeline:
   def _load(self, step: int) -> dict[str, np.ndarray]:
     examples = self.source.__getitems__(self.indices(step).tolist())
     batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
-    x, y = self.spec.to_model(batch)
+    if self.spec.random:
+      rngs = [np.random.default_rng([self.seed, 2, step, self.offset + i])
+              for i in range(self.local_batch_size)]
+      x, y = self.spec.to_model(batch, rngs)
+    else:
+      x, y = self.spec.to_model(batch)
     if np.any((y < 0) | (y >= self.spec.num_classes)):
       raise ValueError(f"labels outside [0, {self.spec.num_classes}) in batch "
                        f"{step}")

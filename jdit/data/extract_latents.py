@@ -1,0 +1,293 @@
+"""Encode an image dataset once with the SD-VAE into a latent TFDS dataset.
+
+  python -m jdit.data.extract_latents --source folder \\
+      --folder /data/imagenet/train --image_size 256 \\
+      --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256
+  python -m jdit.data.extract_latents --source imagenet2012 \\
+      --data_dir ~/tensorflow_datasets --image_size 256 \\
+      --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256   # needs TF
+
+Images get ADM's centre crop (jdit.data.imagenet); with --flip both (the
+default, as fast-DiT does) each image is stored twice, as example 2i and its
+horizontal mirror as example 2i + 1, so training needs no flips of its own.
+Each example holds the posterior's mean and std (jdit.data.latents), and
+latent_stats.json beside the dataset records per-channel statistics.
+
+The encoder is jitted and each batch is sharded over this host's devices.
+On several hosts (the same command on each, after jax.distributed starts),
+host h encodes the h-th contiguous slice of the images into --out.tmp, which
+must be on a shared filesystem; host 0 then writes the TFDS metadata and
+renames --out.tmp to --out. Nothing half-written ever sits at --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from array_record.python import array_record_module
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jdit.data import imagenet, latents
+
+SHARD_PREFIX = f"{latents.DATASET_NAME}-{{split}}.array_record"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m jdit.data.extract_latents",
+      description=__doc__.split("\n\n")[0])
+  p.add_argument("--source", required=True,
+                 help="'folder' (root/<class>/*.JPEG) or a TFDS image "
+                 "dataset name such as imagenet2012 (needs tensorflow-cpu)")
+  p.add_argument("--data_dir", default="", help="TFDS data dir (TFDS source)")
+  p.add_argument("--folder", default="", help="image folder root (folder)")
+  p.add_argument("--split", default="train")
+  p.add_argument("--image_size", type=int, default=256)
+  p.add_argument("--vae", required=True,
+                 help="jdit.vae.load_vae path: converted dir, diffusers dir "
+                 "or weight file")
+  p.add_argument("--out", required=True, help="output dataset directory")
+  p.add_argument("--batch_size", type=int, default=64,
+                 help="rows per encoder call (flipped copies included)")
+  p.add_argument("--flip", choices=("both", "none"), default="both")
+  p.add_argument("--dtype", choices=("float16", "float32"),
+                 default="float16", help="storage dtype of the moments")
+  p.add_argument("--vae_dtype", choices=("float32", "bfloat16"),
+                 default="float32", help="encoder compute dtype")
+  p.add_argument("--examples_per_shard", type=int, default=10_000)
+  p.add_argument("--workers", type=int, default=16, help="decode threads")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out")
+  return p.parse_args(argv)
+
+
+def make_encoder(module, params, devices=None):
+  """Jitted images (B, H, W, 3) in [-1, 1] -> (mean, std), B split over the
+  local devices; returns (encode, rows_multiple)."""
+  devices = list(devices or jax.local_devices())
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  rows, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+  params = jax.device_put(params, whole)
+
+  @jax.jit
+  def _encode(p, x):
+    mean, logvar = module.apply({"params": p}, x, method="encode")
+    return mean, jnp.exp(0.5 * logvar)
+
+  def encode(x: np.ndarray):
+    return _encode(params, jax.device_put(x, rows))
+
+  return encode, len(devices)
+
+
+def _prefetch(iterator, size: int = 2):
+  """Runs `iterator` in a thread, `size` items ahead (decode || encode)."""
+  q: queue.Queue = queue.Queue(size)
+  done = object()
+
+  def work():
+    try:
+      for item in iterator:
+        q.put(item)
+      q.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put(e)
+
+  threading.Thread(target=work, daemon=True).start()
+  while (item := q.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+class _ShardWriter:
+  """Serialises examples into host-local ArrayRecord shards in `directory`."""
+
+  def __init__(self, directory, host, features, per_shard):
+    self.directory, self.host = directory, host
+    self.features, self.per_shard = features, per_shard
+    self.lengths: list[int] = []
+    self._writer = None
+
+  def write(self, example: dict) -> None:
+    if self._writer is None or self.lengths[-1] == self.per_shard:
+      self._close()
+      path = os.path.join(self.directory,
+                          f"host{self.host:05d}-{len(self.lengths):05d}")
+      self._writer = array_record_module.ArrayRecordWriter(path,
+                                                           "group_size:1")
+      self.lengths.append(0)
+    self._writer.write(self.features.serialize_example(example))
+    self.lengths[-1] += 1
+
+  def _close(self):
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def close(self) -> list[int]:
+    self._close()
+    return self.lengths
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def extract(args: argparse.Namespace) -> dict:
+  """Runs the extraction described by `args` (see parse_args); returns the
+  statistics written to latent_stats.json (on host 0; {} elsewhere)."""
+  host, hosts = jax.process_index(), jax.process_count()
+  out = os.path.abspath(os.path.expanduser(args.out))
+  tmp = out + ".tmp"
+  if os.path.exists(out) and not args.overwrite:
+    raise FileExistsError(f"--out {out} exists; pass --overwrite to replace "
+                          f"it or choose another directory")
+  try:
+    from jdit import vae as vae_lib  # pylint: disable=g-import-not-at-top
+    module, params, scale = vae_lib.load_vae(
+        args.vae, dtype=jnp.dtype(args.vae_dtype))
+  except Exception as e:  # any load failure: name the file
+    raise ValueError(f"cannot load the VAE from --vae {args.vae!r}: "
+                     f"{type(e).__name__}: {e}") from e
+  f = module.downsample_factor
+  if args.image_size < f or args.image_size % f:
+    raise ValueError(f"--image_size {args.image_size} must be a positive "
+                     f"multiple of the VAE's downsampling factor {f}")
+  source = imagenet.open_source(
+      args.source, data_dir=args.data_dir, folder=args.folder,
+      split=args.split, process_index=host, process_count=hosts)
+  side = args.image_size // f
+  shape = (side, side, module.latent_channels)
+  feats = latents.features(shape, source.classes, np.dtype(args.dtype))
+  copies = 2 if args.flip == "both" else 1
+  encode, ndev = make_encoder(module, params)
+  step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
+
+  if host == 0:
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftovers
+    os.makedirs(tmp)
+  _sync("extract_latents_start")
+  writer = _ShardWriter(tmp, host, feats, args.examples_per_shard)
+  sums = np.zeros((3, shape[-1]), np.float64)  # mean, mean^2, std^2
+  pending = None
+
+  def drain(result):
+    (mean, std), labels, n = result
+    mean = np.asarray(mean[:n], np.float32)  # blocks on the device
+    std = np.asarray(std[:n], np.float32)
+    sums[:] += [mean.sum((0, 1, 2)), np.square(mean).sum((0, 1, 2)),
+                np.square(std).sum((0, 1, 2))]
+    m, s = mean.astype(args.dtype), std.astype(args.dtype)
+    for i in range(n):
+      writer.write({"latent_mean": m[i], "latent_std": s[i],
+                    "label": int(labels[i // copies])})
+
+  import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm.tqdm(total=len(source), unit="img", disable=host != 0,
+                  desc=f"encode {args.image_size}px")
+  for images, labels in _prefetch(source.batches(step // copies,
+                                                 args.image_size,
+                                                 args.workers)):
+    rows = images
+    if copies == 2:  # example 2i is image i, 2i + 1 its mirror
+      rows = np.stack([images, imagenet.hflip(images)], 1).reshape(
+          (-1,) + images.shape[1:])
+    n = len(rows)
+    rows = np.pad(imagenet.to_float(rows),
+                  ((0, step - n), (0, 0), (0, 0), (0, 0)))
+    result = (encode(rows), labels, n)  # async: overlaps the drain below
+    if pending is not None:
+      drain(pending)
+    pending = result
+    bar.update(len(images))
+  if pending is not None:
+    drain(pending)
+  bar.close()
+  lengths = writer.close()
+  with open(os.path.join(tmp, f"host{host:05d}.json"), "w") as fh:
+    json.dump({"lengths": lengths, "sums": sums.tolist()}, fh)
+  _sync("extract_latents_written")
+  stats = {}
+  if host == 0:
+    stats = _finalize(args, tmp, out, feats, hosts, shape, scale, source)
+  _sync("extract_latents_done")
+  return stats
+
+
+def _finalize(args, tmp, out, feats, hosts, shape, scale, source) -> dict:
+  """Host 0: names the shards as TFDS does, writes metadata and stats, and
+  moves the finished dataset to `out`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  lengths, sums = [], np.zeros((3, shape[-1]), np.float64)
+  parts = []
+  for h in range(hosts):
+    path = os.path.join(tmp, f"host{h:05d}.json")
+    with open(path) as fh:
+      info = json.load(fh)
+    os.remove(path)
+    parts += [(h, k) for k in range(len(info["lengths"]))]
+    lengths += info["lengths"]
+    sums += np.asarray(info["sums"])
+  prefix = SHARD_PREFIX.format(split=args.split)
+  for i, (h, k) in enumerate(parts):
+    os.rename(os.path.join(tmp, f"host{h:05d}-{k:05d}"),
+              os.path.join(tmp, f"{prefix}-{i:05d}-of-{len(parts):05d}"))
+  total = sum(lengths)
+  tfds.folder_dataset.write_metadata(
+      data_dir=tmp, features=feats, check_data=False,
+      split_infos=[tfds.core.SplitInfo(name=args.split, shard_lengths=lengths,
+                                       num_bytes=0)],
+      description=f"SD-VAE latent moments of {args.source} "
+      f"({args.image_size}px), written by jdit.data.extract_latents.")
+  count = total * shape[0] * shape[1]
+  mean = sums[0] / count
+  std = np.sqrt(np.maximum(sums[1] / count - mean ** 2 + sums[2] / count, 0))
+  stats = {
+      "source": args.source, "folder": args.folder, "split": args.split,
+      "image_size": args.image_size, "latent_shape": list(shape),
+      "num_examples": total, "num_images": source.total,
+      "flip": args.flip, "num_classes": source.num_classes,
+      "vae": args.vae, "scale_factor": float(scale), "dtype": args.dtype,
+      # Statistics of z = mean + std * eps, unscaled, over all examples and
+      # positions; scaled_* are after multiplying by scale_factor.
+      "channel_mean": mean.tolist(), "channel_std": std.tolist(),
+      "channel_posterior_std": np.sqrt(sums[2] / count).tolist(),
+      "scaled_channel_mean": (mean * scale).tolist(),
+      "scaled_channel_std": (std * scale).tolist(),
+  }
+  with open(os.path.join(tmp, latents.STATS_FILE), "w") as fh:
+    json.dump(stats, fh, indent=2)
+  if os.path.exists(out):  # --overwrite: swap, then drop the old one
+    old = out + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, out)
+  return stats
+
+
+def main(argv=None) -> None:
+  from jdit import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  stats = extract(parse_args(argv))
+  if stats:
+    print(json.dumps({k: stats[k] for k in (
+        "num_examples", "latent_shape", "scale_factor", "scaled_channel_std")
+                      }), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

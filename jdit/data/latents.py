@@ -1,0 +1,132 @@
+"""Pre-extracted VAE latents as a training dataset.
+
+`python -m jdit.data.extract_latents` writes a TFDS dataset (ArrayRecord,
+random access, no TensorFlow needed to read) whose examples hold the moments
+of the VAE posterior, a diagonal Gaussian, per image:
+
+  latent_mean (h, w, c)   the posterior mean (unscaled, as the VAE outputs)
+  latent_std  (h, w, c)   its standard deviation, exp(logvar / 2)
+  label                   class id
+
+Training draws z = mean + std * eps afresh at every step (what DiT's online
+encoding did with `.sample()`, and what REPA / EDM2 do from stored moments)
+and multiplies by the VAE's scale factor. Beside the dataset,
+`latent_stats.json` records the VAE, image size, scale factor and per-channel
+statistics of z.
+
+Datasets registered here (config.data.name; config.data.data_dir is the
+extraction's --out directory):
+  imagenet_latents      256px images -> 32x32x4 latents, 1000 classes
+  imagenet512_latents   512px images -> 64x64x4 latents, 1000 classes
+`register(name, image_size, num_classes)` adds others (own image folders).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jdit.data.pipeline import DATASETS, DatasetSpec
+# The factor comes from the VAE's config; extract_latents records the factor
+# of the VAE it used, and load() checks that it agrees with the spec's.
+from jdit.vae import SD_VAE_SCALE_FACTOR
+
+DATASET_NAME = "jdit_latents"
+STATS_FILE = "latent_stats.json"
+
+
+def features(latent_shape: tuple[int, int, int], class_names,
+             dtype=np.float16) -> tfds.features.FeaturesDict:
+  """The stored features (plain tensors: no TensorFlow to encode them)."""
+  return tfds.features.FeaturesDict({
+      "latent_mean": tfds.features.Tensor(shape=latent_shape, dtype=dtype),
+      "latent_std": tfds.features.Tensor(shape=latent_shape, dtype=dtype),
+      "label": tfds.features.ClassLabel(names=list(class_names)),
+  })
+
+
+def sample(batch: dict, rngs, *, scale_factor: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Stored moments -> (scale_factor * (mean + std * eps), labels).
+
+  Args:
+    batch: stacked examples with latent_mean, latent_std (B, h, w, c), label.
+    rngs: one numpy Generator per example (the pipeline seeds them by seed,
+      step and position, so resumed runs draw the same eps).
+    scale_factor: the VAE's latent scale factor.
+  """
+  mean = batch["latent_mean"].astype(np.float32)
+  std = batch["latent_std"].astype(np.float32)
+  eps = np.stack([r.standard_normal(mean.shape[1:], np.float32)
+                  for r in rngs])
+  z = (mean + std * eps) * np.float32(scale_factor)
+  return z, batch["label"].astype(np.int32)
+
+
+def read_stats(directory: str) -> dict:
+  path = os.path.join(directory, STATS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{directory!r} is not a latent dataset written by "
+        f"jdit.data.extract_latents (no {STATS_FILE}); run `python -m "
+        f"jdit.data.extract_latents ... --out {directory}` first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load(split: str, data_dir: str, *, name: str, shape, num_classes: int,
+         scale_factor: float):
+  """Opens the latent dataset in `data_dir`, checking it fits the spec."""
+  if not data_dir:
+    raise ValueError(f"dataset {name!r} needs config.data.data_dir: the --out "
+                     f"directory of jdit.data.extract_latents")
+  directory = os.path.expanduser(data_dir)
+  stats = read_stats(directory)
+  stored = tuple(stats["latent_shape"])
+  if stored != tuple(shape):
+    raise ValueError(
+        f"latent dataset {directory!r} holds latents of shape {stored} "
+        f"({stats.get('image_size')}px images), but dataset {name!r} and the "
+        f"model expect {tuple(shape)}; use the dataset (and model "
+        f"input_size) matching the extraction's --image_size")
+  if stats["num_classes"] > num_classes:
+    raise ValueError(f"latent dataset {directory!r} has "
+                     f"{stats['num_classes']} classes, more than the "
+                     f"{num_classes} of dataset {name!r}")
+  if not np.isclose(stats["scale_factor"], scale_factor):
+    raise ValueError(
+        f"latent dataset {directory!r} was extracted with a VAE whose "
+        f"scale_factor is {stats['scale_factor']}, but dataset {name!r} "
+        f"scales by {scale_factor}; register one with that factor "
+        f"(jdit.data.latents.register)")
+  builder = tfds.builder_from_directory(directory)
+  if split not in builder.info.splits:
+    raise ValueError(f"latent dataset {directory!r} has splits "
+                     f"{list(builder.info.splits)}, not {split!r}")
+  return builder.as_data_source(split=split)
+
+
+def register(name: str, image_size: int, num_classes: int = 1000, *,
+             latent_channels: int = 4, downsample: int = 8,
+             scale_factor: float = SD_VAE_SCALE_FACTOR) -> DatasetSpec:
+  """Registers a latent dataset in jdit.data.DATASETS and returns its spec."""
+  if image_size % downsample:
+    raise ValueError(f"image_size {image_size} is not a multiple of the VAE's "
+                     f"downsampling factor {downsample}")
+  side = image_size // downsample
+  shape = (side, side, latent_channels)
+  spec = DatasetSpec(
+      DATASET_NAME, shape, num_classes,
+      functools.partial(sample, scale_factor=scale_factor), random=True,
+      load=functools.partial(load, name=name, shape=shape,
+                             num_classes=num_classes,
+                             scale_factor=scale_factor))
+  DATASETS[name] = spec
+  return spec
+
+
+register("imagenet_latents", 256)
+register("imagenet512_latents", 512)

@@ -1,0 +1,203 @@
+"""ImageNet path: ADM crops, the image folder, latent extraction, training."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jdit import data, vae
+from jdit import train as train_lib
+from jdit.data import extract_latents, imagenet, latents
+
+NUM_CLASSES, PER_CLASS, SIZE = 3, 4, 32
+CLASS_DIRS = ("n02_dog", "n01_cat", "n03_fox")  # label = sorted position
+
+
+def _image(seed, w=SIZE, h=SIZE):
+  rng = np.random.default_rng(seed)
+  return Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+
+
+def test_center_crop_matches_hand_computed_steps():
+  img = _image(0, w=600, h=300)
+  # short side 300 >= 2*64 -> 300x150 -> 150x75 (75 < 128 stops the BOX
+  # halving); BICUBIC to short side 64 -> 128x64; centre columns 32..96.
+  ref = img.resize((300, 150), Image.BOX).resize((150, 75), Image.BOX)
+  ref = np.asarray(ref.resize((128, 64), Image.BICUBIC))[:, 32:96]
+  out = imagenet.center_crop_arr(img, 64)
+  assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, ref)
+
+
+def test_center_crop_picks_the_centre():
+  # A tall 40x100 image: white rows 40..60 at its centre, short side already
+  # the target size, so the crop is rows 30..70 of the unchanged image.
+  arr = np.zeros((100, 40, 3), np.uint8)
+  arr[40:60] = 255
+  out = imagenet.center_crop_arr(Image.fromarray(arr), 40)
+  np.testing.assert_array_equal(out, arr[30:70])
+  # Smaller than the target: upsampled (BICUBIC) to fill the square.
+  assert imagenet.center_crop_arr(_image(1, 10, 20), 16).shape == (16, 16, 3)
+  flipped = imagenet.hflip(out[None])[0]
+  np.testing.assert_array_equal(flipped, out[:, ::-1])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  for c, name in enumerate(CLASS_DIRS):
+    os.makedirs(root / name)
+    for i in range(PER_CLASS):
+      ext = "JPEG" if i % 2 else "png"
+      # PNG only: JPEG is lossy, and the test compares decoded pixels.
+      _image(10 * c + i).save(root / name / f"img{i}.{ext}", format="PNG")
+  (root / "n01_cat" / "notes.txt").write_text("not an image")
+  return str(root)
+
+
+def test_image_folder_labels_from_sorted_class_dirs(folder, tmp_path):
+  f = imagenet.ImageFolder(folder)
+  assert f.classes == sorted(CLASS_DIRS) and f.num_classes == 3
+  assert len(f) == f.total == NUM_CLASSES * PER_CLASS
+  for path, label in zip(f.paths, f.labels):
+    assert os.path.basename(os.path.dirname(path)) == f.classes[label]
+  assert f.paths[0].endswith(os.path.join("n01_cat", "img0.png"))
+  parts = [imagenet.ImageFolder(folder, h, 5) for h in range(5)]
+  assert sum((p.paths for p in parts), []) == f.paths
+  images, labels = next(f.batches(5, SIZE, workers=2))
+  assert images.shape == (5, SIZE, SIZE, 3) and labels.tolist() == [0] * 4 + [1]
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    imagenet.ImageFolder(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="no class subdirectories"):
+    imagenet.ImageFolder(str(tmp_path))
+
+
+def test_tfds_source_without_tensorflow_names_the_extra():
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=unused-import
+    pytest.skip("TensorFlow is installed")
+  except ImportError:
+    pass
+  with pytest.raises(ImportError, match="tensorflow-cpu"):
+    imagenet.open_source("imagenet2012", data_dir="/nonexistent")
+
+
+def _tiny_vae(directory):
+  module = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8),
+                             layers_per_block=1, norm_num_groups=4)
+  params = module.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
+                       method="encode")["params"]
+  vae.save_vae(directory, module, params)
+  return module, params
+
+
+@pytest.fixture(scope="module")
+def extracted(folder, tmp_path_factory):
+  vae_dir = str(tmp_path_factory.mktemp("vae"))
+  module, params = _tiny_vae(vae_dir)
+  out = str(tmp_path_factory.mktemp("latents") / "tiny")
+  args = ["--source", "folder", "--folder", folder, "--image_size",
+          str(SIZE), "--vae", vae_dir, "--out", out, "--batch_size", "8",
+          "--dtype", "float32", "--examples_per_shard", "10"]
+  extract_latents.main(args)
+  return out, module, params, args
+
+
+def test_extract_latents_stores_both_orientations(extracted, folder):
+  out, module, params, _ = extracted
+  assert not os.path.exists(out + ".tmp")
+  source = tfds.builder_from_directory(out).as_data_source("train")
+  n = NUM_CLASSES * PER_CLASS
+  assert len(source) == 2 * n
+  f = imagenet.ImageFolder(folder)
+  images = np.stack([imagenet.center_crop_arr(Image.open(p), SIZE)
+                     for p in f.paths])
+  rows = np.concatenate([images, imagenet.hflip(images)])
+  mean, logvar = jax.jit(lambda x: module.apply(
+      {"params": params}, x, method="encode"))(imagenet.to_float(rows))
+  std = np.exp(0.5 * np.asarray(logvar))
+  for k in range(n):
+    for copy, row in ((0, k), (1, n + k)):  # 2k original, 2k+1 mirrored
+      ex = source[2 * k + copy]
+      assert ex["latent_mean"].shape == (4, 4, 4)
+      np.testing.assert_allclose(ex["latent_mean"], mean[row], atol=1e-5)
+      np.testing.assert_allclose(ex["latent_std"], std[row], rtol=1e-5)
+      assert ex["label"] == f.labels[k]
+  assert not np.allclose(source[0]["latent_mean"], source[1]["latent_mean"])
+  with open(os.path.join(out, latents.STATS_FILE)) as fh:
+    stats = json.load(fh)
+  assert stats["num_examples"] == 2 * n and stats["latent_shape"] == [4, 4, 4]
+  assert stats["scale_factor"] == pytest.approx(vae.SD_VAE_SCALE_FACTOR)
+  z_mean = np.asarray(mean).mean((0, 1, 2))
+  np.testing.assert_allclose(stats["channel_mean"], z_mean, rtol=1e-4,
+                             atol=1e-6)
+  assert len(stats["channel_std"]) == 4
+
+
+def test_extract_latents_bad_input(extracted, folder, tmp_path):
+  out, _, _, args = extracted
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    extract_latents.main(args)
+  base = dict(zip(args[::2], args[1::2]))
+  bad = lambda **kw: sum(([k, v] for k, v in {**base, **kw}.items()), [])
+  new = str(tmp_path / "new")
+  with pytest.raises(ValueError, match="cannot load the VAE from --vae"):
+    extract_latents.main(bad(**{"--vae": str(tmp_path), "--out": new}))
+  with pytest.raises(ValueError, match="multiple of the VAE's downsampling"):
+    extract_latents.main(bad(**{"--image_size": "36", "--out": new}))
+  with pytest.raises(FileNotFoundError, match="missing"):
+    extract_latents.main(bad(**{"--folder": str(tmp_path / "missing"),
+                                "--out": new}))
+  assert not os.path.exists(new)
+  with pytest.raises(ValueError, match=r"holds latents of shape \(4, 4, 4\)"):
+    data.load_source("imagenet_latents", "train", out)
+  with pytest.raises(FileNotFoundError, match="extract_latents"):
+    data.load_source("imagenet_latents", "train", str(tmp_path))
+
+
+@pytest.fixture
+def tiny_latents(extracted):
+  spec = latents.register("tiny_latents", SIZE, NUM_CLASSES)
+  yield extracted[0], spec
+  data.DATASETS.pop("tiny_latents")
+
+
+def test_latent_batches_sample_the_moments_deterministically(tiny_latents):
+  out, spec = tiny_latents
+  source = data.load_source("tiny_latents", "train", out)
+  pipe = lambda **kw: data.InputPipeline(source, spec, global_batch_size=8,
+                                         seed=0, **kw)
+  a, b = pipe().batch(3), pipe().batch(3)
+  np.testing.assert_array_equal(a["x"], b["x"])
+  assert not np.array_equal(pipe().batch(4)["x"], a["x"])
+  halves = [pipe(process_index=h, process_count=2).batch(3)["x"]
+            for h in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), a["x"])
+  idx = pipe().indices(3)
+  mean = np.stack([source[int(i)]["latent_mean"] for i in idx])
+  std = np.stack([source[int(i)]["latent_std"] for i in idx])
+  eps = (a["x"] / vae.SD_VAE_SCALE_FACTOR - mean) / std
+  assert a["x"].shape == (8, 4, 4, 4) and a["x"].dtype == np.float32
+  assert abs(eps.mean()) < 0.2 and 0.8 < eps.std() < 1.2
+
+
+def test_trains_on_latents_and_resumes_exactly(tiny_latents, tiny_config,
+                                               tmp_path):
+  c = tiny_config
+  c.data.name, c.data.data_dir = "tiny_latents", tiny_latents[0]
+  c.model.update(input_size=4, in_channels=4, num_classes=NUM_CLASSES)
+  c.batch_size, c.total_steps = 8, 2
+  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  train_lib.run(c, straight)
+  train_lib.run(c, resumed, stop_at=1)
+  train_lib.run(c, resumed)
+  rows = lambda d: [json.loads(l) for l in open(os.path.join(d,
+                                                             "metrics.jsonl"))]
+  assert [r["step"] for r in rows(straight)] == [1, 2]
+  assert [(r["step"], r["loss"]) for r in rows(resumed)] == [
+      (r["step"], r["loss"]) for r in rows(straight)]
+  assert all(np.isfinite(r["loss"]) for r in rows(straight))
