@@ -147,10 +147,20 @@ def _moe_shard_map(params, x, dispatch, combine, act, dtype, mesh):
       y = jax.lax.all_to_all(y, EXPERT_AXIS, 1, 0, tiled=True)
     return jnp.einsum("gsec,egcd->gsd", combine.astype(y.dtype), y)
 
+  args = (params, x, dispatch, combine)
+  specs = (pspecs, bspec, bspec, bspec)
+  explicit = any(t == jax.sharding.AxisType.Explicit
+                 for t in getattr(mesh, "axis_types", ()))
+  if explicit:
+    # Explicit-axis meshes (jax.make_mesh's default) do not reshard at the
+    # shard_map boundary by themselves.
+    args = jax.tree.map(jax.sharding.reshard, args, specs,
+                        is_leaf=lambda a: isinstance(a, P))
   out = jax.shard_map(local, mesh=mesh,
-                      in_specs=(pspecs, bspec, bspec, bspec),
-                      out_specs=bspec)(params, x, dispatch, combine)
-  return out[:b]
+                      in_specs=specs, out_specs=bspec)(*args)
+  if pad and explicit:  # explicit shardings cannot slice a split dim
+    out = jax.sharding.reshard(out, P())
+  return out[:b] if pad else out
 
 
 def _stacked_init(scale_axes):

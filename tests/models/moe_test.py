@@ -18,8 +18,11 @@ AXES = ("data", "fsdp", "tensor", "expert")
 route = jax.jit(moe.route, static_argnums=(1, 2, 3))
 
 
-def make_mesh(data=1, fsdp=1, tensor=1, expert=1):
+def make_mesh(data=1, fsdp=1, tensor=1, expert=1, explicit=False):
   n = data * fsdp * tensor * expert
+  if explicit:  # jax.make_mesh's default axis type
+    return jax.make_mesh((data, fsdp, tensor, expert), AXES,
+                         devices=jax.devices()[:n])
   return Mesh(np.array(jax.devices()[:n]).reshape(data, fsdp, tensor, expert),
               AXES)
 
@@ -195,6 +198,7 @@ def _moe_loss(m, c):
     ("gelu", dict(data=2, expert=4)),
     ("gelu", dict(expert=8)),
     ("swiglu", dict(fsdp=2, tensor=2, expert=2)),
+    ("gelu", dict(data=2, expert=4, explicit=True)),
 ])
 def test_expert_parallel_equals_single_device(act, mesh_kw):
   m = moe.MoE(hidden=32, num_experts=8, top_k=2, num_shared_experts=1,
