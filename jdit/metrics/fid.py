@@ -126,9 +126,8 @@ class InceptionFeatures:
           pad = np.zeros((self.batch_size - n,) + part.shape[1:], part.dtype)
           part = np.concatenate([part, pad])
         feats = self._fn(self.params, part)
-        for k in out:
-          out[k].append(np.asarray(feats[k][:n], np.float64 if k != "logits"
-                                   else np.float32))
+        for k in out:  # float32; statistics() accumulates in float64
+          out[k].append(np.asarray(feats[k][:n], np.float32))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

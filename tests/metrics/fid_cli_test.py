@@ -1,4 +1,5 @@
 """`python -m jdit.metrics.fid` on small generated .npz files."""
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from jdit.metrics import fid, inception, scores
 
 torch = pytest.importorskip("torch")
 
-import inception_torch_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+import inception_torch_ref
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,15 @@ def files(tmp_path_factory):
 
 def _run(capsys, *args):
   # eigh: scipy's sqrtm takes minutes at 2048 dims on a 2-core machine; the
-  # sqrtm path is tested in scores_test.py on small matrices.
-  fid.main(list(args) + ["--fid_method", "eigh"])
+  # sqrtm path is tested in scores_test.py on small matrices. One BLAS
+  # thread: threaded eigh slows down ~8x on a busy 2-core CI machine.
+  try:
+    import threadpoolctl  # pylint: disable=g-import-not-at-top
+    limit = threadpoolctl.threadpool_limits(1)
+  except ImportError:
+    limit = contextlib.nullcontext()
+  with limit:
+    fid.main(list(args) + ["--fid_method", "eigh"])
   return json.loads(capsys.readouterr().out)
 
 
