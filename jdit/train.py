@@ -99,7 +99,7 @@ def _restore_or_init(mngr, model, tx, mesh, rules, config):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        stop_at: int | None = None) -> dict:
+        stop_at: int | None = None, devices=None) -> dict:
   """Trains as configured, resuming from `workdir`; returns final metrics.
 
   Args:
@@ -107,6 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     workdir: checkpoints, metrics.jsonl, TensorBoard events, sample grids.
     stop_at: stop after this step (checkpointing it) as if interrupted;
       a later run() with the same config resumes and continues exactly.
+    devices: the devices to build the mesh from (default: all of them).
   """
   validate_config(config)
   sharding.maybe_initialize_distributed()
@@ -120,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         f"dataset {config.data.name!r} has {spec.num_classes} classes of "
         f"shape {spec.shape}, but the model expects {model.num_classes} "
         f"classes of shape {sampling_shape(model)} (config.model.*)")
-  mesh = sharding.create_mesh(config.mesh, dcn=config.get("mesh_dcn"))
+  mesh = sharding.create_mesh(config.mesh, devices=devices,
+                              dcn=config.get("mesh_dcn"))
   rules = sharding.rules_from_config(config.get("axis_rules"))
   par = sharding.batch_parallelism(mesh)
   accum = config.optim.get("grad_accum", 1)

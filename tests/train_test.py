@@ -60,6 +60,27 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tiny_config, tmp_path):
   assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_checkpoint_restores_onto_other_meshes(tiny_config, tmp_path):
+  """Saved on 8 devices as (2, 2, 2); resumed on (8, 1, 1) and on 1 device."""
+  tiny_config.model.hidden_size = 64
+  tiny_config.model.num_heads = 4
+  tiny_config.total_steps = 3
+  train_lib.run(tiny_config, str(tmp_path / "straight"))
+  first = tiny_config.copy_and_resolve_references()
+  first.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+  train_lib.run(first, str(tmp_path / "a"), stop_at=2)
+  for name, mesh, devices in [("b", {"data": 8}, None),
+                              ("c", {"data": 1}, jax.devices()[:1])]:
+    os.makedirs(tmp_path / name)
+    os.system(f"cp -r {tmp_path / 'a'}/* {tmp_path / name}/")
+    again = tiny_config.copy_and_resolve_references()
+    again.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+    train_lib.run(again, str(tmp_path / name), devices=devices)
+    np.testing.assert_allclose([l for _, l in losses(tmp_path / name)],
+                               [l for _, l in losses(tmp_path / "straight")],
+                               rtol=2e-5)
+
+
 def _setup(config, mesh_sizes):
   model, objective = sampling.model_from_config(config)
   mesh = sharding.create_mesh(mesh_sizes)
