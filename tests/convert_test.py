@@ -342,3 +342,21 @@ def test_convert_cli_errors(torch_model, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "o")  # nothing half-written
   assert (tmp_path / "full" / "x").read_text() == "keep me"
   assert sorted(os.listdir(tmp_path)) == ["dit.pt", "full"]
+
+
+@pytest.mark.parametrize("input_size", [32, 64])  # the 256 and 512 releases
+def test_official_xl2_layout(input_size):
+  """The key set and shapes expected of DiT-XL-2-{256,512}.pt."""
+  layout = convert._dit_torch_layout(  # pylint: disable=protected-access
+      build_model("DiT-XL/2", input_size=input_size))
+  shapes = {k: v[0] for k, v in layout.items()}
+  assert len(shapes) == 292  # 4 + 280 (28 blocks x 10) + 4 + pos_embed 4
+  assert shapes["pos_embed"] == (1, (input_size // 2) ** 2, 1152)
+  assert shapes["x_embedder.proj.weight"] == (1152, 4, 2, 2)
+  assert shapes["y_embedder.embedding_table.weight"] == (1001, 1152)
+  assert shapes["t_embedder.mlp.0.weight"] == (1152, 256)
+  assert shapes["blocks.27.attn.qkv.weight"] == (3456, 1152)
+  assert shapes["blocks.27.adaLN_modulation.1.weight"] == (6912, 1152)
+  assert shapes["final_layer.linear.weight"] == (32, 1152)  # 2*2*8
+  n = sum(math.prod(s) for k, s in shapes.items() if k != "pos_embed")
+  assert n == 674_834_720  # the paper's 675M
