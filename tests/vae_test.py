@@ -24,7 +24,8 @@ def _torch_vae(seed=0, **kw):
   cfg = dict(SMALL, **kw)
   n = len(cfg["block_out_channels"])
   model = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+      in_channels=3, out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * n,
       up_block_types=("UpDecoderBlock2D",) * n, **cfg).eval()
   # Random non-default weights: GroupNorm affine and biases too, so every
   # parameter's mapping is exercised.
@@ -168,3 +169,17 @@ def test_load_vae_from_file_and_cli_dir(pair, tmp_path):
   assert (s2, m2.block_out_channels, m2.norm_num_groups) == (
       0.5, (32, 64), 8)
   jax.tree.map(np.testing.assert_array_equal, p2, params)
+
+
+def test_bf16_decode_and_load_errors(pair, tmp_path):
+  _, module, params = pair
+  z = np.random.RandomState(3).normal(size=(1, 4, 4, 4)).astype(np.float32)
+  ref = _apply(module, params, z, "decode")
+  low = _apply(module.clone(dtype=jnp.bfloat16), params, z, "decode")
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, ref, atol=5e-2)
+  with pytest.raises(FileNotFoundError, match="neither a jdit VAE"):
+    vae.load_vae(str(tmp_path))
+  with pytest.raises(ValueError, match="decode expects unscaled latents"):
+    module.apply({"params": params}, jnp.zeros((1, 4, 4, 3)),
+                 method="decode")
