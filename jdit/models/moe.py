@@ -332,10 +332,10 @@ class MoE(nn.Module):
 
     params = self._expert_params(d)
     if use_shard_map:
-      y = _moe_shard_map(params, x, r.dispatch, r.combine, self.expert_act,
+      y = _moe_shard_map(params, x, r.dispatch.astype(self.dtype), r.combine, self.expert_act,
                          self.dtype, mesh)
     else:
-      y = _moe_dense(params, x, r.dispatch, r.combine, self.expert_act,
+      y = _moe_dense(params, x, r.dispatch.astype(self.dtype), r.combine, self.expert_act,
                      self.dtype)
     if self.num_shared_experts:
       y = y + self._shared(x.astype(self.dtype))
