@@ -331,12 +331,13 @@ class MoE(nn.Module):
              1.0 - jnp.mean(r.kept.astype(jnp.float32)))
 
     params = self._expert_params(d)
+    # The 0/1 mask is exact in any dtype; bf16 halves its memory.
+    args = (params, x, r.dispatch.astype(self.dtype), r.combine,
+            self.expert_act, self.dtype)
     if use_shard_map:
-      y = _moe_shard_map(params, x, r.dispatch.astype(self.dtype), r.combine, self.expert_act,
-                         self.dtype, mesh)
+      y = _moe_shard_map(*args, mesh)
     else:
-      y = _moe_dense(params, x, r.dispatch.astype(self.dtype), r.combine, self.expert_act,
-                     self.dtype)
+      y = _moe_dense(*args)
     if self.num_shared_experts:
       y = y + self._shared(x.astype(self.dtype))
     return y.astype(self.dtype)
