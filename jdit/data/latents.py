@@ -16,7 +16,8 @@ statistics of z.
 
 Datasets registered here (config.data.name; config.data.data_dir is the
 extraction's --out directory):
-  imagenet_latents      256px images -> 32x32x4 latents, 1000 classes
+  imagenet256_latents   256px images -> 32x32x4 latents, 1000 classes
+  imagenet_latents      the same (alias)
   imagenet512_latents   512px images -> 64x64x4 latents, 1000 classes
 `register(name, image_size, num_classes)` adds others (own image folders).
 """
@@ -128,5 +129,6 @@ def register(name: str, image_size: int, num_classes: int = 1000, *,
   return spec
 
 
-register("imagenet_latents", 256)
+register("imagenet256_latents", 256)
+register("imagenet_latents", 256)  # alias: the DiT paper's main resolution
 register("imagenet512_latents", 512)

@@ -201,3 +201,21 @@ def test_trains_on_latents_and_resumes_exactly(tiny_latents, tiny_config,
   assert [(r["step"], r["loss"]) for r in rows(resumed)] == [
       (r["step"], r["loss"]) for r in rows(straight)]
   assert all(np.isfinite(r["loss"]) for r in rows(straight))
+
+
+@pytest.mark.parametrize("name,arg,side", [
+    ("dit_imagenet256", None, 32), ("dit_imagenet512", None, 64),
+    ("dit_imagenet256", "model=DiT-B/2,res=512", 64)])
+def test_imagenet_configs_fit_their_datasets(name, arg, side):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from jdit import sampling  # pylint: disable=g-import-not-at-top
+  c = load_config(name, arg)
+  model, _ = sampling.model_from_config(c)
+  assert data.get_spec(c.data.name).shape == train_lib.sampling_shape(
+      model) == (side, side, 4)
+  assert model.learn_sigma and model.num_classes == 1000
+  assert (c.batch_size, c.optim.lr, c.ema_decay) == (256, 1e-4, 0.9999)
+  assert c.vae.scale_factor == data.get_spec(c.data.name).to_model.keywords[
+      "scale_factor"]
+  with pytest.raises(ValueError, match="bad option"):
+    load_config("dit_imagenet256", "resolution=128")
