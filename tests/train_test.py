@@ -235,3 +235,16 @@ def test_load_for_sampling_rejects_foreign_directories(tmp_path):
     checkpoint.load_for_sampling(str(tmp_path / "stuff"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.load_for_sampling(str(tmp_path / "missing"))
+
+
+def test_flow_objective_by_one_flag(tiny_config, tmp_path):
+  tiny_config.objective = "flow"
+  tiny_config.total_steps = 2
+  tiny_config.sample.per_class = 1
+  tiny_config.sample.steps = 2
+  train_lib.run(tiny_config, str(tmp_path))
+  model, objective = sampling.model_from_config(tiny_config)
+  assert objective.name == "flow" and not model.learn_sigma
+  assert all(np.isfinite(l) for _, l in losses(tmp_path))
+  assert np.load(tmp_path / "samples_step2.npz")["arr_0"].shape == (10, 8, 8,
+                                                                     1)
