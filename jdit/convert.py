@@ -61,12 +61,12 @@ def load_state_dict(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
   lower = path.lower()
   if lower.endswith(SAFETENSORS_SUFFIXES):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
     try:
-      return dict(load_file(path))
+      return dict(safetensors.numpy.load_file(path))
     except Exception:  # bf16 tensors need the torch reader
-      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
-      return dict(load_torch(path, device="cpu"))
+      import safetensors.torch  # pylint: disable=g-import-not-at-top
+      return dict(safetensors.torch.load_file(path, device="cpu"))
   if lower.endswith(TORCH_SUFFIXES):
     import torch  # pylint: disable=g-import-not-at-top
     try:
