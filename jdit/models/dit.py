@@ -204,7 +204,13 @@ class DiT(nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
                        f"num_heads {self.num_heads}")
-    get_feedforward(self.mlp)
+    options = dict(self.mlp_options or {})
+    try:  # an unbound instance checks the options (MoE validates its own)
+      get_feedforward(self.mlp)(hidden=int(self.hidden_size * self.mlp_ratio),
+                                parent=None, **options)
+    except TypeError as e:
+      raise ValueError(f"bad mlp_options {options} for mlp {self.mlp!r}: "
+                       f"{e}") from e
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}")
