@@ -88,7 +88,7 @@ def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
         continue
       value = getattr(model, key)
       if key in ("dtype", "param_dtype"):
-        value = old.get(key, "float32")
+        value = overrides.get(key, old.get(key, "float32"))
       elif isinstance(value, tuple):
         value = list(value)
       config.model[key] = value
