@@ -1,0 +1,91 @@
+"""LaMamba-Diff (Fu et al. 2024): local attention + Mamba in a U-Net.
+
+    python train.py --config configs/lamamba.py              # digits, CPU
+    python train.py --config configs/lamamba.py:imagenet256 \\
+        --config.data.data_dir=/data/latents/imagenet256 \\
+        --config.vae.path=/ckpt/sd-vae-ft-mse --workdir runs/lamamba_xl_256
+    python train.py --config configs/lamamba.py:imagenet512,model=LaMamba-Diff-XL
+    python train.py --config configs/lamamba.py:imagenet256,model=LaMamba-Diff-B
+
+"digits" (the default) is configs/default.py with a tiny LaMamba-Diff: 8x8
+images at patch 1, two stages (8x8 then 4x4 tokens, widths 32 and 64),
+4x4 windows, a one-block bottleneck; it trains on 2 CPU cores in minutes.
+
+"imagenet256"/"imagenet512" take the data, VAE, mesh and sampling settings of
+configs/dit_imagenet256.py (latents 32x32x4 / 64x64x4) and change what the
+LaMamba-Diff code does differently from DiT's recipe: its train.py uses
+torch AdamW at lr 1e-4 with torch's default weight decay 0.01, batch 256,
+and its launch script trains 500 epochs (about 2.5M steps at batch 256)
+with the sd-vae-ft-mse VAE. Latents extracted with another SD-VAE
+checkpoint work the same (same scale factor). Everything else (DDPM with
+learned sigma, EMA 0.9999, label dropout 0.1, constant lr) is DiT's.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = ("digits", "imagenet256", "imagenet512")
+EPOCH_STEPS = 1_281_167 // 256  # ImageNet-1k train images / batch 256
+
+
+def _load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  # Loaded by path: config files are run from a path (config_flags), where
+  # `configs` need not be an importable package.
+  spec = importlib.util.spec_from_file_location(
+      f"jdit_configs_{name}", os.path.join(_HERE, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _parse(arg: str | None) -> tuple[str, dict]:
+  variant, kw = "digits", {}
+  for part in (p.strip() for p in (arg or "").split(",") if p.strip()):
+    if "=" in part:
+      key, value = part.split("=", 1)
+      kw[key] = value
+    else:
+      variant = part
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/lamamba.py: variant must be one of "
+                     f"{VARIANTS}, got {variant!r}")
+  unknown = sorted(set(kw) - {"model"})
+  if unknown:
+    raise ValueError(f"configs/lamamba.py: unknown options {unknown}; "
+                     f"allowed: model=<a LaMamba-Diff-* name>")
+  return variant, kw
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, kw = _parse(arg)
+  if variant == "digits":
+    c = _load("default")
+    # A fresh model section: DiT's depth/hidden_size are not LaMamba fields.
+    c.model = ml_collections.ConfigDict()
+    c.model.name = kw.get("model", "LaMamba-Diff-S")
+    c.model.input_size = 8
+    c.model.in_channels = 1
+    c.model.num_classes = 10
+    c.model.patch_size = 1
+    c.model.embed_dim = 32           # stage widths 32, 64
+    c.model.depths = (1, 1)
+    c.model.num_downsamples = 1      # 8x8 tokens, then 4x4
+    c.model.bottleneck_depth = 1
+    c.model.num_heads = 2
+    c.model.window_size = 4          # 4x4 windows; the 4x4 stage is global
+    c.model.learn_sigma = ml_collections.FieldReference(None,
+                                                        field_type=bool)
+    c.model.class_dropout_prob = 0.1
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    return c
+
+  res = int(variant[len("imagenet"):])
+  c = _load("dit_imagenet256", f"res={res}")
+  c.model.name = kw.get("model", "LaMamba-Diff-XL")
+  c.total_steps = 500 * EPOCH_STEPS  # train_lamamba.sh: 500 epochs
+  c.optim.weight_decay = 0.01        # torch AdamW default (official train.py)
+  c.vae.path = ""                    # official: stabilityai/sd-vae-ft-mse
+  return c
