@@ -6,6 +6,8 @@
 
 prints one JSON object: fid, sfid, inception_score, precision, recall (null
 where the reference batch lacks what a metric needs), num_samples, num_ref.
+With `--write_ref OUT.npz` instead of `--ref`, it writes the (real) images
+of --samples as a reference batch in ADM's format, for other datasets.
 
 Inputs use the ADM evaluator's formats:
   samples  .npz with arr_0: uint8 (N, H, W, 3) images (sample.py writes this;
@@ -193,15 +195,38 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
   return result
 
 
+def write_reference(images: str, out: str, inception_params,
+                    batch_size: int = 100, resize: str = "adm") -> int:
+  """Writes an ADM-style reference batch (mu, sigma, mu_s, sigma_s, arr_0).
+
+  For datasets without a published reference batch: `images` is an .npz
+  with arr_0 uint8 (N, H, W, 3) real images. Returns N.
+  """
+  reader = ImageBatchReader(images)
+  feats = InceptionFeatures(inception_params, batch_size, resize)(
+      reader.batches(batch_size))
+  mu, sigma = scores.statistics(feats["pool"])
+  mu_s, sigma_s = scores.statistics(feats["spatial"])
+  arr = np.concatenate(list(reader.batches(batch_size)))
+  tmp = out + ".tmp.npz"
+  np.savez(tmp, arr_0=arr, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+  os.replace(tmp, out)
+  return len(reader)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m jdit.metrics.fid",
       description="FID, sFID, IS, precision and recall (ADM protocol).")
   parser.add_argument("--samples", required=True,
                       help=".npz with arr_0 uint8 (N, H, W, 3)")
-  parser.add_argument("--ref", required=True,
+  target = parser.add_mutually_exclusive_group(required=True)
+  target.add_argument("--ref",
                       help="ADM reference batch, e.g. "
                            "VIRTUAL_imagenet256_labeled.npz")
+  target.add_argument("--write_ref", metavar="OUT.npz",
+                      help="instead of scoring, write --samples (real "
+                           "images) as a reference batch with statistics")
   parser.add_argument("--inception", required=True,
                       help="local pt_inception-2015-12-05-6726825d.pth")
   parser.add_argument("--batch_size", type=int, default=100)
@@ -215,8 +240,13 @@ def main(argv=None):
   try:
     ImageBatchReader(args.samples)  # fail on bad samples before the work
     params = inception.load_inception(args.inception)
-    result = evaluate(args.samples, args.ref, params, args.batch_size,
-                      args.resize, fid_method=args.fid_method)
+    if args.write_ref:
+      n = write_reference(args.samples, args.write_ref, params,
+                          args.batch_size, args.resize)
+      result = {"wrote": os.path.abspath(args.write_ref), "num_images": n}
+    else:
+      result = evaluate(args.samples, args.ref, params, args.batch_size,
+                        args.resize, fid_method=args.fid_method)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -107,6 +107,16 @@ def test_cli_matches_library(files, capsys, monkeypatch):
   np.testing.assert_array_equal(sigma_s, stats["sigma_s"])
   assert out2["fid"] == out2["sfid"] == 1.5
   assert out2["precision"] is None and out2["num_ref"] is None
+  # --write_ref: the reference-batch format, with the same statistics.
+  fid.main(["--samples", str(d / "ref_images.npz"), "--write_ref",
+            str(d / "ref_written.npz"), "--inception", inc,
+            "--batch_size", "4"])
+  assert json.loads(capsys.readouterr().out)["num_images"] == 9
+  with np.load(d / "ref_written.npz") as f:
+    np.testing.assert_array_equal(f["arr_0"], ref)
+    np.testing.assert_allclose(f["mu"], scores.statistics(fr["pool"])[0],
+                               rtol=1e-6, atol=1e-7)
+    assert f["sigma_s"].shape == (2023, 2023)
   np.savez(d / "ref_bad.npz", mu=stats["mu"][:10], sigma=np.eye(10))
   with pytest.raises(ValueError, match="expected .2048,."):
     fid.evaluate(str(d / "samples.npz"), str(d / "ref_bad.npz"), params,
