@@ -30,7 +30,8 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   out = {}
   for key, value in state_dict.items():
     parts = key.split(".")
-    if ".attentions." in key and len(parts) >= 2 and parts[-2] in _OLD_ATTENTION:
+    if ".attentions." in key and len(parts) > 1 and (
+        parts[-2] in _OLD_ATTENTION):
       parts[-2] = _OLD_ATTENTION[parts[-2]]
       key = ".".join(parts)
     if (".attentions." in key and key.endswith(".weight")

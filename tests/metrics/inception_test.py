@@ -12,7 +12,8 @@ from jdit.metrics import inception
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-import inception_torch_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+import inception_torch_ref
 
 # float32 through ~48 layers with O(1) activations; relative to the scale.
 RTOL = 2e-4
@@ -121,7 +122,8 @@ def test_pytorch_fid_parity(nets):
   pytest.importorskip("torchvision")
   fid_inception = pytest.importorskip("pytorch_fid.inception")
   model_t, params = nets
-  tv = fid_inception._inception_v3(num_classes=1008, aux_logits=False,  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  tv = fid_inception._inception_v3(num_classes=1008, aux_logits=False,
                                    weights=None)
   for name, c in (("Mixed_5b", (192, 32)), ("Mixed_5c", (256, 64)),
                   ("Mixed_5d", (288, 64))):
