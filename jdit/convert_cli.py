@@ -57,24 +57,39 @@ def atomic_directory(out: str):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """configs/dit_imagenet256.py's get_config() (default.py if absent)."""
+def base_config(model_name: str, image_size: int | None
+                ) -> ml_collections.ConfigDict:
+  """The DiT ImageNet recipe's config (configs/dit_imagenet256.py).
+
+  Asks for `model=<name>,res=<image_size>` (res=512 selects the 512 recipe),
+  falling back to fewer options for sizes the recipe does not know, and to
+  configs/default.py where the recipe file is absent.
+  """
   for name in BASE_CONFIGS:
     path = os.path.join(REPO_ROOT, "configs", name)
-    if os.path.isfile(path):
-      spec = importlib.util.spec_from_file_location(f"_jdit_cfg_{name[:-3]}",
-                                                    path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module.get_config()
+    if not os.path.isfile(path):
+      continue
+    spec = importlib.util.spec_from_file_location(f"_jdit_cfg_{name[:-3]}",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = [f"model={model_name}", None]
+    if image_size is not None:
+      args.insert(0, f"model={model_name},res={image_size}")
+    for arg in args:
+      try:
+        return module.get_config(arg)
+      except ValueError:
+        continue
   raise FileNotFoundError(f"no base config {BASE_CONFIGS} under "
                           f"{REPO_ROOT}/configs")
 
 
 def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
-                    scale_factor: float) -> ml_collections.ConfigDict:
+                    scale_factor: float, image_size: int | None = None
+                    ) -> ml_collections.ConfigDict:
   """The base recipe's config, with model.* describing `model` exactly."""
-  config = base_config()
+  config = base_config(name, image_size)
   with config.unlocked():
     old = config.get("model", ml_collections.ConfigDict())
     config.model = ml_collections.ConfigDict()
@@ -88,7 +103,9 @@ def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
         continue
       value = getattr(model, key)
       if key in ("dtype", "param_dtype"):
-        value = overrides.get(key, old.get(key, "float32"))
+        # The published FIDs were sampled in float32; the recipe's bfloat16
+        # is a training setting. --override dtype=bfloat16 samples faster.
+        value = overrides.get(key, "float32")
       elif isinstance(value, tuple):
         value = list(value)
       config.model[key] = value
@@ -147,9 +164,12 @@ def convert_dit(args) -> str:
       vae_lib.save_vae(os.path.join(tmp, "vae"),
                        vae_model.clone(scale_factor=scale), vae_params)
       vae_path = os.path.join(out, "vae")  # where it will be after rename
+    factor = vae_model.downsample_factor if vae_model is not None else 8
+    image_size = (model.input_size * factor
+                  if isinstance(model.input_size, int) else None)
     config = sampling_config(args.model, model, overrides, vae_path,
                              scale if scale is not None
-                             else vae_lib.SD_VAE_SCALE_FACTOR)
+                             else vae_lib.SD_VAE_SCALE_FACTOR, image_size)
     checkpoint.save_for_sampling(tmp, params, config)
   if model.in_channels != 3 and vae_model is None:
     print(f"note: {args.model} is a latent model and no --vae was given; "
