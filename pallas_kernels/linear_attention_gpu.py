@@ -9,8 +9,9 @@ The same kernels run in interpret mode on CPU (what impl="pallas" means there).
 
 Non-causal: `_reduce` writes per-split partial (S, z) (splits add grid
 parallelism when B * heads is small; XLA sums them), `_out` is fully parallel
-over (N tiles, B, heads). Backward: `_bwd_q` (dq plus the (dS, dz) reduction)
-and `_bwd_kv` (parallel dk, dv).
+over (groups of N tiles, B, heads), each program loading the state once for
+its group. Backward: `_bwd_q` (dq plus the (dS, dz) reduction) and `_bwd_kv`
+(parallel dk, dv).
 Causal: one program per (B, head) sweeps chunks carrying (S, z) in f32;
 the backward sweeps forward for dq and then in reverse for dk, dv.
 """
@@ -63,26 +64,26 @@ class BlockSizes:
     return cls()
 
 
-def _cfg(d, dv, bs):
+def config(d, dv, bs):
   dp, dvp = pl.next_power_of_2(max(d, 16)), pl.next_power_of_2(max(dv, 16))
   warps = bs.num_warps or (4 if max(dp, dvp) <= 64 else 8)
   params = _backend.gpu_params(num_warps=warps, num_stages=bs.num_stages)
   return dp, dvp, params
 
 
-def _cd(dtype):
+def mma_dtype(dtype):
   # 16-bit inputs feed the MMAs in their own dtype (f32 accumulation).
   return dtype if jnp.dtype(dtype).itemsize == 2 else F32
 
 
-def _load(ref, start, t, row0, n_rows, n_cols):
+def load_rows(ref, start, t, row0, n_rows, n_cols):
   """Masked (t, padded-cols) load of rows [start, start + t) of a ref."""
   shape = (t, ref.shape[-1])
   mask = tiles.valid_mask(shape, row0, n_rows, n_cols)
   return plgpu.load(ref.at[pl.ds(start, t), :], mask=mask, other=0.0)
 
 
-def _store(ref, start, val, row0, n_rows, n_cols):
+def store_rows(ref, start, val, row0, n_rows, n_cols):
   mask = tiles.valid_mask(val.shape, row0, n_rows, n_cols)
   plgpu.store(ref.at[pl.ds(start, val.shape[0]), :], val.astype(ref.dtype),
               mask=mask)
@@ -100,7 +101,7 @@ def _split_range(nt, splits):
 
 
 # Specs: (B, N, H, d) arrays seen as (rows, padded d) per (b, h).
-def _rows_spec(rows, dp, parallel=False):
+def rows_spec(rows, dp, parallel=False):
   """Whole-sequence block; grid (B, H, splits) or, parallel, (j, B, H)."""
   if parallel:
     return pl.BlockSpec((None, rows, None, dp), lambda j, b, h: (b, 0, h, 0))
@@ -139,29 +140,29 @@ def _reduce_kernel(k_ref, v_ref, s_ref, z_ref, *, n, d, dv, t, splits, fm, cd):
   def body(i, carry):
     s, z = carry
     row0 = pl.multiple_of(i * t, t)
-    kf = tiles.features(_load(k_ref, row0, t, row0, n, d),
+    kf = tiles.features(load_rows(k_ref, row0, t, row0, n, d),
                         tiles.valid_mask((t, dp), row0, n, d), fm)
-    ds, dz = tiles.reduce_tile(kf, _load(v_ref, row0, t, row0, n, dv), cd)
+    ds, dz = tiles.reduce_tile(kf, load_rows(v_ref, row0, t, row0, n, dv), cd)
     return s + ds, z + dz
 
   s, z = lax.fori_loop(lo, hi, body, (jnp.zeros((dp, dvp), F32),
                                       jnp.zeros((1, dp), F32)))
-  _store(s_ref, 0, s, 0, d, dv)
-  _store(z_ref, 0, z, 0, 1, d)
+  store_rows(s_ref, 0, s, 0, d, dv)
+  store_rows(z_ref, 0, z, 0, 1, d)
 
 
 def _out_kernel(q_ref, s_ref, z_ref, o_ref, *, n, d, dv, t, tpp, eps, fm, cd):
   dp = q_ref.shape[-1]
   # The state is loaded (and cast) once for all of this program's tiles.
-  s = _load(s_ref, 0, dp, 0, d, dv).astype(cd)
-  z = _load(z_ref, 0, 1, 0, 1, d)
+  s = load_rows(s_ref, 0, dp, 0, d, dv).astype(cd)
+  z = load_rows(z_ref, 0, 1, 0, 1, d)
 
   def body(i, carry):
     row0 = pl.multiple_of(i * t, t)
-    qf = tiles.features(_load(q_ref, row0, t, row0, n, d),
+    qf = tiles.features(load_rows(q_ref, row0, t, row0, n, d),
                         tiles.valid_mask((t, dp), row0, n, d), fm)
     o, _ = tiles.out_tile(qf, s, z, eps, cd)
-    _store(o_ref, row0, o, row0, n, dv)
+    store_rows(o_ref, row0, o, row0, n, dv)
     return carry
 
   lax.fori_loop(*_program_tiles(pl.cdiv(n, t), tpp), body, 0)
@@ -171,8 +172,8 @@ def nc_forward(q, k, v, *, fm, eps, bs, interpret):
   """Non-causal forward; returns (out, (S, z)) with S (B, H, d, dv) f32."""
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = _cfg(d, dv, bs)
-  cd = _cd(q.dtype)
+  dp, dvp, params = config(d, dv, bs)
+  cd = mma_dtype(q.dtype)
   t = bs.block_n
   nt = pl.cdiv(n, t)
   splits = _num_splits(b, h, nt, bs, t)
@@ -181,7 +182,7 @@ def nc_forward(q, k, v, *, fm, eps, bs, interpret):
                         fm=fm, cd=cd),
       out_shape=_partial_state_shapes(b, h, splits, d, dv),
       grid=(b, h, splits),
-      in_specs=[_rows_spec(nt * t, dp), _rows_spec(nt * t, dvp)],
+      in_specs=[rows_spec(nt * t, dp), rows_spec(nt * t, dvp)],
       out_specs=_state_specs(dp, dvp, True), compiler_params=params,
       interpret=interpret, name="linear_attention_reduce")(k, v)
   # Adding the per-split partial states is tiny next to reading k and v.
@@ -193,8 +194,8 @@ def nc_forward(q, k, v, *, fm, eps, bs, interpret):
                         fm=fm, cd=cd),
       out_shape=jax.ShapeDtypeStruct((b, n, h, dv), q.dtype),
       grid=(pl.cdiv(nt, tpp), b, h),
-      in_specs=[_rows_spec(nt * t, dp, True), s_spec, z_spec],
-      out_specs=_rows_spec(nt * t, dvp, True), compiler_params=params,
+      in_specs=[rows_spec(nt * t, dp, True), s_spec, z_spec],
+      out_specs=rows_spec(nt * t, dvp, True), compiler_params=params,
       interpret=interpret, name="linear_attention_out")(q, s, z)
   return out, (s, z)
 
@@ -207,39 +208,39 @@ def _bwd_q_kernel(q_ref, g_ref, s_ref, z_ref, ds_ref, dz_ref, dq_ref, *, n, d,
   nt = pl.cdiv(n, t)
   lo, hi = _split_range(nt, splits)
   dp, dvp = q_ref.shape[-1], g_ref.shape[-1]
-  s = _load(s_ref, 0, dp, 0, d, dv)
-  z = _load(z_ref, 0, 1, 0, 1, d)
+  s = load_rows(s_ref, 0, dp, 0, d, dv)
+  z = load_rows(z_ref, 0, 1, 0, 1, d)
 
   def body(i, carry):
     ds, dz = carry
     row0 = pl.multiple_of(i * t, t)
-    q = _load(q_ref, row0, t, row0, n, d)
+    q = load_rows(q_ref, row0, t, row0, n, d)
     qf = tiles.features(q, tiles.valid_mask((t, dp), row0, n, d), fm)
-    g = _load(g_ref, row0, t, row0, n, dv)
+    g = load_rows(g_ref, row0, t, row0, n, dv)
     dq, ds_i, dz_i = tiles.bwd_q_tile(q, qf, g, s, z, eps, fm, cd)
-    _store(dq_ref, row0, dq, row0, n, d)
+    store_rows(dq_ref, row0, dq, row0, n, d)
     return ds + ds_i, dz + dz_i
 
   ds, dz = lax.fori_loop(lo, hi, body, (jnp.zeros((dp, dvp), F32),
                                         jnp.zeros((1, dp), F32)))
-  _store(ds_ref, 0, ds, 0, d, dv)
-  _store(dz_ref, 0, dz, 0, 1, d)
+  store_rows(ds_ref, 0, ds, 0, d, dv)
+  store_rows(dz_ref, 0, dz, 0, 1, d)
 
 
 def _bwd_kv_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, n, d, dv,
                    t, tpp, fm, cd):
   dp = k_ref.shape[-1]
-  ds = _load(ds_ref, 0, dp, 0, d, dv).astype(cd)
-  dz = _load(dz_ref, 0, 1, 0, 1, d)
+  ds = load_rows(ds_ref, 0, dp, 0, d, dv).astype(cd)
+  dz = load_rows(dz_ref, 0, 1, 0, 1, d)
 
   def body(i, carry):
     row0 = pl.multiple_of(i * t, t)
-    k = _load(k_ref, row0, t, row0, n, d)
+    k = load_rows(k_ref, row0, t, row0, n, d)
     kf = tiles.features(k, tiles.valid_mask((t, dp), row0, n, d), fm)
-    v = _load(v_ref, row0, t, row0, n, dv)
+    v = load_rows(v_ref, row0, t, row0, n, dv)
     dk, dvv = tiles.bwd_kv_tile(k, kf, v, ds, dz, fm, cd)
-    _store(dk_ref, row0, dk, row0, n, d)
-    _store(dv_ref, row0, dvv, row0, n, dv)
+    store_rows(dk_ref, row0, dk, row0, n, d)
+    store_rows(dv_ref, row0, dvv, row0, n, dv)
     return carry
 
   lax.fori_loop(*_program_tiles(pl.cdiv(n, t), tpp), body, 0)
@@ -248,8 +249,8 @@ def _bwd_kv_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, n, d, dv,
 def nc_backward(q, k, v, s, z, g, *, fm, eps, bs, interpret):
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = _cfg(d, dv, bs)
-  cd = _cd(q.dtype)
+  dp, dvp, params = config(d, dv, bs)
+  cd = mma_dtype(q.dtype)
   t = bs.block_n
   nt = pl.cdiv(n, t)
   splits = _num_splits(b, h, nt, bs, t)
@@ -261,15 +262,15 @@ def nc_backward(q, k, v, s, z, g, *, fm, eps, bs, interpret):
       out_shape=list(_partial_state_shapes(b, h, splits, d, dv))
       + [jax.ShapeDtypeStruct(q.shape, q.dtype)],
       grid=(b, h, splits),
-      in_specs=[_rows_spec(nt * t, dp), _rows_spec(nt * t, dvp), s_spec,
+      in_specs=[rows_spec(nt * t, dp), rows_spec(nt * t, dvp), s_spec,
                 z_spec],
-      out_specs=list(_state_specs(dp, dvp, True)) + [_rows_spec(nt * t, dp)],
+      out_specs=list(_state_specs(dp, dvp, True)) + [rows_spec(nt * t, dp)],
       compiler_params=params, interpret=interpret,
       name="linear_attention_bwd_q")(q, g, s, z)
   ds, dz = ds_p.sum(2), dz_p.sum(2)
   s_spec, z_spec = _state_specs(dp, dvp, False)
   tpp = bs.tiles_per_program
-  spec_d, spec_v = _rows_spec(nt * t, dp, True), _rows_spec(nt * t, dvp, True)
+  spec_d, spec_v = rows_spec(nt * t, dp, True), rows_spec(nt * t, dvp, True)
   dk, dvv = pl.pallas_call(
       functools.partial(_bwd_kv_kernel, n=n, d=d, dv=dv, t=t, tpp=tpp, fm=fm,
                         cd=cd),

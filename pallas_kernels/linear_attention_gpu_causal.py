@@ -34,12 +34,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, *, n, d, dv, t, eps, fm,
     s, z = carry
     row0 = pl.multiple_of(c * t, t)
     valid = tiles.valid_mask((t, dp), row0, n, d)
-    qf = tiles.features(lgpu._load(q_ref, row0, t, row0, n, d), valid, fm)
-    kf = tiles.features(lgpu._load(k_ref, row0, t, row0, n, d), valid, fm)
-    v = lgpu._load(v_ref, row0, t, row0, n, dv)
+    qf = tiles.features(lgpu.load_rows(q_ref, row0, t, row0, n, d), valid, fm)
+    kf = tiles.features(lgpu.load_rows(k_ref, row0, t, row0, n, d), valid, fm)
+    v = lgpu.load_rows(v_ref, row0, t, row0, n, dv)
     o, den, s, z = tiles.causal_fwd_chunk(qf, kf, v, s, z, eps, cd)
-    lgpu._store(o_ref, row0, o, row0, n, dv)
-    lgpu._store(den_ref, row0, den, row0, n, 1)
+    lgpu.store_rows(o_ref, row0, o, row0, n, dv)
+    lgpu.store_rows(den_ref, row0, den, row0, n, 1)
     return s, z
 
   lax.fori_loop(0, pl.cdiv(n, t), body, (jnp.zeros((dp, dvp), F32),
@@ -50,18 +50,18 @@ def causal_forward(q, k, v, *, fm, eps, bs, interpret):
   """Returns (out, den) with den (B, H, N, 1) f32, the saved denominators."""
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = lgpu._cfg(d, dv, bs)
+  dp, dvp, params = lgpu.config(d, dv, bs)
   t = bs.chunk
   rows = pl.cdiv(n, t) * t
   return pl.pallas_call(
       functools.partial(_fwd_kernel, n=n, d=d, dv=dv, t=t, eps=eps, fm=fm,
-                        cd=lgpu._cd(q.dtype)),
+                        cd=lgpu.mma_dtype(q.dtype)),
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, n, 1), F32)],
       grid=(b, h),
-      in_specs=[lgpu._rows_spec(rows, dp), lgpu._rows_spec(rows, dp),
-                lgpu._rows_spec(rows, dvp)],
-      out_specs=[lgpu._rows_spec(rows, dvp), _den_spec(rows)],
+      in_specs=[lgpu.rows_spec(rows, dp), lgpu.rows_spec(rows, dp),
+                lgpu.rows_spec(rows, dvp)],
+      out_specs=[lgpu.rows_spec(rows, dvp), _den_spec(rows)],
       compiler_params=params, interpret=interpret,
       name="causal_linear_attention_fwd")(q, k, v)
 
@@ -73,10 +73,11 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
 
   def load_chunk(row0):
     valid = tiles.valid_mask((t, dp), row0, n, d)
-    q = lgpu._load(q_ref, row0, t, row0, n, d)
-    k = lgpu._load(k_ref, row0, t, row0, n, d)
-    rest = [lgpu._load(r, row0, t, row0, n, dv) for r in (v_ref, o_ref, g_ref)]
-    den = lgpu._load(den_ref, row0, t, row0, n, 1)
+    q = lgpu.load_rows(q_ref, row0, t, row0, n, d)
+    k = lgpu.load_rows(k_ref, row0, t, row0, n, d)
+    rest = [lgpu.load_rows(r, row0, t, row0, n, dv)
+            for r in (v_ref, o_ref, g_ref)]
+    den = lgpu.load_rows(den_ref, row0, t, row0, n, 1)
     # Masked loads give den = 0 on padded rows; keep 0 / den = 0 there.
     den = jnp.where(den > 0, den, 1.0)
     return (q, tiles.features(q, valid, fm), k, tiles.features(k, valid, fm),
@@ -87,7 +88,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
     row0 = pl.multiple_of(c * t, t)
     q, qf, _, kf, v, o, g, den = load_chunk(row0)
     dq, s, z = tiles.causal_dq_chunk(q, qf, kf, v, g, o, den, s, z, fm, cd)
-    lgpu._store(dq_ref, row0, dq, row0, n, d)
+    lgpu.store_rows(dq_ref, row0, dq, row0, n, d)
     return s, z
 
   zeros = (jnp.zeros((dp, dvp), F32), jnp.zeros((1, dp), F32))
@@ -99,8 +100,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
     _, qf, k, kf, v, o, g, den = load_chunk(row0)
     dk, dvv, ds, dz = tiles.causal_dkv_chunk(k, kf, qf, v, g, o, den, ds, dz,
                                              fm, cd)
-    lgpu._store(dk_ref, row0, dk, row0, n, d)
-    lgpu._store(dv_ref, row0, dvv, row0, n, dv)
+    lgpu.store_rows(dk_ref, row0, dk, row0, n, d)
+    lgpu.store_rows(dv_ref, row0, dvv, row0, n, dv)
     return ds, dz
 
   lax.fori_loop(0, nc, dkv_body, zeros)
@@ -109,13 +110,13 @@ def _bwd_kernel(q_ref, k_ref, v_ref, o_ref, den_ref, g_ref, dq_ref, dk_ref,
 def causal_backward(q, k, v, o, den, g, *, fm, bs, interpret):
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  dp, dvp, params = lgpu._cfg(d, dv, bs)
+  dp, dvp, params = lgpu.config(d, dv, bs)
   t = bs.chunk
   rows = pl.cdiv(n, t) * t
-  spec_d, spec_v = lgpu._rows_spec(rows, dp), lgpu._rows_spec(rows, dvp)
+  spec_d, spec_v = lgpu.rows_spec(rows, dp), lgpu.rows_spec(rows, dvp)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, n=n, d=d, dv=dv, t=t, fm=fm,
-                        cd=lgpu._cd(q.dtype)),
+                        cd=lgpu.mma_dtype(q.dtype)),
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
       grid=(b, h),
       in_specs=[spec_d, spec_d, spec_v, spec_v, _den_spec(rows), spec_v],
