@@ -157,7 +157,9 @@ def bench(args) -> dict:
   step_s = total / args.steps
   images_per_sec = args.batch_size / step_s
   try:
-    from jdit.models import flops as flops_fn  # pylint: disable=g-import-not-at-top
+    # jdit.models.flops may be absent in older checkouts: fall back to XLA.
+    # pylint: disable-next=g-import-not-at-top
+    from jdit.models import flops as flops_fn
     fwd = flops_fn(args.model, input_size,
                    **{k: v for k, v in overrides.items()
                       if k not in ("input_size", "learn_sigma")},
@@ -232,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="tiny DiT (depth 1, width 32) at 64px, float32, CPU")
   args = p.parse_args(argv)
   if args.smoke:
-    defaults = {a.dest: a.default for a in p._actions}  # pylint: disable=protected-access
+    defaults = {k: p.get_default(k) for k in vars(args)}
     for key, value in dict(image_size=64, batch_size=2 * jax.device_count(),
                            dtype="float32", steps=3, warmup=1,
                            matmul_size=256, matmul_iters=4,
