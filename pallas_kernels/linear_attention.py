@@ -73,6 +73,20 @@ def _kernel(cfg: _Static, q, k, v):
 _kernel.defvjp(_forward, _backward)
 
 
+def _check_block_sizes(bs):
+  if not isinstance(bs, lgpu.BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes, got {bs!r}")
+  for name in ("block_n", "chunk"):
+    x = getattr(bs, name)
+    # Triton values need power-of-two sizes; its MMAs want >= 16 per side.
+    if x < 16 or x & (x - 1):
+      raise ValueError(
+          f"block_sizes.{name} must be a power of two >= 16, got {x}")
+  for name in ("target_programs", "min_split_rows", "tiles_per_program"):
+    if getattr(bs, name) < 1:
+      raise ValueError(f"block_sizes.{name} must be >= 1")
+
+
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6,
                      impl="auto", block_sizes=None):
   """Linear attention over (B, N, heads, head_dim) inputs.
@@ -102,6 +116,7 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6,
   ref = functools.partial(linear_attention_reference, feature_map=feature_map,
                           causal=causal, eps=eps)
   bs = block_sizes or lgpu.BlockSizes.get_default()
+  _check_block_sizes(bs)
   make = lambda backend: functools.partial(
       _kernel, _Static(feature_map, causal, eps, backend, bs))
   fn = _backend.select(impl, reference=ref, gpu=make("gpu"), tpu=make("tpu"),

@@ -306,6 +306,7 @@ class LinearAttentionValidationTest(parameterized.TestCase):
         (dict(eps=-1.0), "eps must be >= 0"),
         (dict(causal="yes"), "causal must be"),
         (dict(impl="triton"), "impl must be one of"),
+        (dict(block_sizes=lgpu.BlockSizes(block_n=48)), "block_n must be"),
     ]
     for kwargs, msg in cases:
       args = dict(q=x, k=x, v=x)
