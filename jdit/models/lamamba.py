@@ -43,30 +43,14 @@ from jdit.models.dit import (ACT, REMAT_POLICIES, Mlp, adaln_modulation,
 from jdit.models.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder,
                                dense, sincos_2d)
 from jdit.models.flops import FREQ_DIM, mixer_macs
+from jdit.models.lamamba_layers import (FinalLayer, PatchExpanding,
+                                        PatchMerging, norm)
 from jdit.models.registry import register_model
 
 # The mamba mixer options of the paper's SS2D: d_state 1, ssm_ratio 2,
 # conv 3, dt_rank ceil(D/16); zigzag both ways = its two row snakes.
 MAMBA_OPTIONS = {"state": 1, "expand": 2, "d_conv": 3, "dt_rank": 0,
                  "scan_order": "zigzag", "bidirectional": True}
-
-
-def _norm(name, affine=False, param_dtype=jnp.float32):
-  """LayerNorm in float32; affine only where the paper's has no adaLN."""
-  if not affine:
-    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
-                        dtype=jnp.float32, name=name)
-  return nn.LayerNorm(
-      epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                              ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                             ("embed",)),
-      name=name)
-
-
-def _to_grid(x, grid):
-  return x.reshape(x.shape[0], *grid, x.shape[-1])
 
 
 class LaMambaBlock(nn.Module):
@@ -105,69 +89,14 @@ class LaMambaBlock(nn.Module):
     for i, (name, fn) in enumerate((("norm_mamba", mamba),
                                     ("norm_attn", attn))):
       shift, scale, gate = mods[3 * i:3 * i + 3]
-      h = modulate(_norm(name)(x), shift, scale).astype(self.dtype)
+      h = modulate(norm(name)(x), shift, scale).astype(self.dtype)
       h = fn(h, grid_shape=grid_shape, deterministic=deterministic)
       x = x + gate[:, None] * h
     shift, scale, gate = mods[6:]
-    h = modulate(_norm("norm_mlp")(x), shift, scale).astype(self.dtype)
+    h = modulate(norm("norm_mlp")(x), shift, scale).astype(self.dtype)
     h = Mlp(int(d * self.mlp_ratio), name="mlp", **kw)(h)
     x = x + gate[:, None] * h
     return nn.with_logical_constraint(x.astype(self.dtype), ACT)
-
-
-class PatchMerging(nn.Module):
-  """2x2 neighbours concatenated -> LayerNorm -> Linear (Swin/VMamba)."""
-  features: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, grid):
-    b, d = x.shape[0], x.shape[-1]
-    h, w = grid
-    x = x.reshape(b, h // 2, 2, w // 2, 2, d).transpose(0, 1, 3, 2, 4, 5)
-    x = _norm("norm", True, self.param_dtype)(x.reshape(b, -1, 4 * d))
-    return dense(self.features, ("embed", "mlp"), use_bias=False,
-                 dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="reduction")(x.astype(self.dtype))
-
-
-class PatchExpanding(nn.Module):
-  """Linear to factor^2 * features -> pixel shuffle -> LayerNorm."""
-  features: int
-  factor: int = 2
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, grid):
-    b, (h, w), f = x.shape[0], grid, self.factor
-    x = dense(f * f * self.features, ("embed", "mlp"), use_bias=False,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              name="expand")(x)
-    x = x.reshape(b, h, w, f, f, self.features).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, h * f * w * f, self.features)
-    return _norm("norm", True, self.param_dtype)(x).astype(self.dtype)
-
-
-class FinalLayer(nn.Module):
-  """Expand tokens to pixels, adaLN, zero-initialised linear to C_out."""
-  patch_size: int
-  out_channels: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, c, grid):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    d = x.shape[-1]
-    c = dense(d, ("embed", "mlp"), name="condition_projection", **kw)(c)
-    x = PatchExpanding(d, self.patch_size, name="final_expand", **kw)(x, grid)
-    shift, scale = adaln_modulation(c, 2, **kw)
-    x = modulate(_norm("norm_final")(x), shift, scale)
-    return dense(self.out_channels, ("embed", None),
-                 kernel_init=nn.initializers.zeros_init(), name="linear",
-                 **kw)(x.astype(self.dtype))
 
 
 class LaMambaDiff(nn.Module):
@@ -307,7 +236,7 @@ class LaMambaDiff(nn.Module):
                        f"{self.in_channels}), got {x.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(dims[0], p, name="x_embedder", **kw)(x.astype(self.dtype))
-    x = _norm("patch_norm", True, self.param_dtype)(x)
+    x = norm("patch_norm", True, self.param_dtype)(x)
     # Learned, initialised to 2D sin-cos (the official code trains it).
     pos = self.param(
         "pos_embed", nn.with_logical_partitioning(

@@ -1,0 +1,260 @@
+"""LaMamba-Diff: shapes, zero init, gradients, label dropout, sizes, config."""
+import importlib.util
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdit import models
+from jdit import sampling
+from jdit import train as train_lib
+from jdit.models import lamamba
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                     "lamamba.py")
+_spec = importlib.util.spec_from_file_location("lamamba_config", _PATH)
+lamamba_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lamamba_config)
+
+# DiT paper, Table 4: params (M) and Gflops (multiply-adds) at 256px.
+DIT_PARAMS_M = {"S": 33.0, "B": 130.5, "L": 458.1, "XL": 675.1}
+DIT_GMACS = {"S": 6.06, "B": 23.01, "L": 80.71, "XL": 118.64}
+
+# Tiny, non-square, patch 2: a (16, 8) image is an (8, 4) token grid, then
+# (4, 2); windows of 2 so odd blocks use the shifted windows.
+TINY = dict(input_size=(16, 8), in_channels=3, num_classes=5, patch_size=2,
+            embed_dim=16, num_heads=2, depths=(1, 1), num_downsamples=1,
+            bottleneck_depth=1, window_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """The tiny model, its fresh params, inputs and jitted forward passes."""
+  model = models.build_model("LaMamba-Diff-S", **TINY)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8, 3))
+  t, y = jnp.array([3.0, 700.0]), jnp.array([1, 4])
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x, t, y)
+  traces = []
+
+  @jax.jit
+  def forward(p, x, t, y, drop):
+    traces.append(1)  # runs once per trace, not per call
+    return model.apply(p, x, t, y, train=True, force_drop_ids=drop)
+
+  return dict(model=model, params=params, x=x, t=t, y=y, forward=forward,
+              traces=traces)
+
+
+def _perturbed(params):
+  """Random values in every parameter (the zero-initialised ones too)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+  return jax.tree.unflatten(tree, [
+      l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def test_fresh_model_outputs_zero_with_learned_sigma(tiny):
+  model, p = tiny["model"], tiny["params"]
+  assert model.grid_shape == (8, 4) and model.stage_grids == ((8, 4), (4, 2))
+  assert model.out_channels == 6
+  no_drop = jnp.zeros((2,), bool)
+  out = tiny["forward"](p, tiny["x"], tiny["t"], tiny["y"], no_drop)
+  chex.assert_shape(out, (2, 16, 8, 6))
+  chex.assert_type(out, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_unet_layout(tiny):
+  p = tiny["params"]["params"]
+  # Encoder 1+1 blocks, merge, bottleneck 1, decoder (1+1) + expand + (1+1).
+  assert {"down0_block0", "down0_merge", "down1_block0", "mid_block0",
+          "up0_block0", "up0_block1", "up1_expand", "up1_block0",
+          "up1_block1", "final_layer", "pos_embed"} <= set(p)
+  widths = {k: p[k]["mlp"]["fc1"]["kernel"].value.shape[0] for k in p
+            if "block" in k}
+  assert widths["down0_block0"] == widths["up1_block1"] == 16
+  assert widths["down1_block0"] == widths["mid_block0"] == 32
+  # Both registered mixers are used, not copies.
+  assert {"mamba", "attn"} <= set(p["down0_block0"])
+
+
+def test_gradients_finite_and_reach_every_block(tiny):
+  model, p = tiny["model"], _perturbed(tiny["params"])
+
+  def loss(params):
+    out = model.apply(params, tiny["x"], tiny["t"], tiny["y"], train=True,
+                      force_drop_ids=jnp.array([False, True]))
+    return jnp.mean(out ** 2)
+
+  grads = jax.jit(jax.grad(loss))(p)
+  chex.assert_tree_all_finite(grads)
+  for name, g in grads["params"].items():
+    norm = sum(float(jnp.sum(jnp.abs(l))) for l in jax.tree.leaves(g))
+    if name != "y_embedder":  # only two rows of the table are used
+      assert norm > 0, f"no gradient reaches {name}"
+
+
+def test_label_dropout_and_jit_once(tiny):
+  p = _perturbed(tiny["params"])
+  x, t, y, fwd = tiny["x"], tiny["t"], tiny["y"], tiny["forward"]
+  null = jnp.full_like(y, tiny["model"].num_classes)
+  dropped = fwd(p, x, t, y, jnp.ones((2,), bool))
+  as_null = fwd(p, x, t, null, jnp.zeros((2,), bool))
+  kept = fwd(p, x, t, y, jnp.zeros((2,), bool))
+  np.testing.assert_allclose(dropped, as_null, atol=1e-6)
+  assert not np.allclose(dropped, kept)
+  mixed = fwd(p, x, t, y, jnp.array([True, False]))
+  np.testing.assert_allclose(mixed[0], dropped[0], atol=1e-6)
+  np.testing.assert_allclose(mixed[1], kept[1], atol=1e-6)
+  # The same shapes never retrace (the fixture's first call traced once).
+  assert len(tiny["traces"]) == 1
+
+
+def test_eval_mode_needs_no_rng(tiny):
+  model, p = tiny["model"], _perturbed(tiny["params"])
+  args = (tiny["x"], tiny["t"], tiny["y"])
+  a = jax.eval_shape(model.apply, p, *args)
+  chex.assert_shape(a, (2, 16, 8, 6))
+
+
+@pytest.mark.parametrize("size", sorted(lamamba.SIZES))
+def test_registered_sizes_vs_paper(size):
+  """Params by eval_shape (no allocation) and forward FLOPs at 256px."""
+  name = f"LaMamba-Diff-{size}"
+  model = models.build_model(name, input_size=32, in_channels=4)
+  spec = (jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.int32))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *spec)
+  params_m = sum(math.prod(l.shape) for l in jax.tree.leaves(shapes)) / 1e6
+  gmacs = model.macs() / 1e9
+  try:  # jdit.models.flops counts models it knows (2 FLOPs per MAC)
+    lib = models.flops(name, 32) / 2e9
+  except (AttributeError, ValueError):
+    lib = None
+  paper = lamamba.PAPER_GMACS.get((name, 32))
+  print(f"\n{name:<18} params {params_m:7.1f}M (DiT-{size}/2 "
+        f"{DIT_PARAMS_M[size]:.1f}M)  GMACs {gmacs:6.2f} (DiT-{size}/2 "
+        f"{DIT_GMACS[size]:.2f}; paper "
+        f"{'%.1f' % paper if paper else '-'}; jdit.models.flops "
+        f"{'%.2f' % lib if lib else 'n/a'})")
+  if lib is not None:
+    assert lib == pytest.approx(gmacs, rel=0.02)
+  # The paper's claim at every size: comparable params, far fewer FLOPs.
+  assert params_m == pytest.approx(DIT_PARAMS_M[size], rel=0.06)
+  assert gmacs < 0.5 * DIT_GMACS[size]
+  if paper is not None:
+    # Ours scans 2 of SS2D's 4 directions and fvcore counts some
+    # elementwise work: within 15% of the paper's 50.3 GMACs.
+    assert gmacs == pytest.approx(paper, rel=0.15)
+
+
+def test_xl_at_512_vs_paper():
+  model = models.build_model("LaMamba-Diff-XL", input_size=64)
+  assert model.stage_grids == ((64, 64), (32, 32), (16, 16), (16, 16))
+  gmacs = model.macs() / 1e9
+  paper = lamamba.PAPER_GMACS[("LaMamba-Diff-XL", 64)]
+  print(f"\nLaMamba-Diff-XL 512px GMACs {gmacs:.1f} (paper {paper:.1f}, "
+        f"DiT-XL/2 524.6)")
+  assert gmacs == pytest.approx(paper, rel=0.15)
+
+
+@pytest.mark.slow
+def test_xl_xla_cost_analysis():
+  from jdit.models.flops import xla_flops  # pylint: disable=g-import-not-at-top
+  model = models.build_model("LaMamba-Diff-XL")
+  xla = xla_flops("LaMamba-Diff-XL", 32) / 2e9
+  print(f"\nLaMamba-Diff-XL XLA GMACs {xla:.2f}, analytic "
+        f"{model.macs() / 1e9:.2f}")
+  # XLA adds elementwise work and counts the reference scan's loop once.
+  assert 0.8 < xla / (model.macs() / 1e9) < 1.5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(input_size=30), r"divisible by 2\*\*num_downsamples"),
+    (dict(input_size=36), "window_size"),
+    (dict(num_heads=7), "not divisible by num_heads"),
+    (dict(num_downsamples=4), "num_downsamples"),
+    (dict(depths=()), "depths"),
+    (dict(embed_dim=18, num_heads=2), "divisible by 4"),
+    (dict(attn_mixer="nope"), "unknown mixer"),
+    (dict(mamba_options={"heads": 2}), "do not belong to mixer 'mamba'"),
+    (dict(attn_options={"radius": 2}), "do not belong to mixer 'window'"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(class_dropout_prob=1.0), "class_dropout_prob"),
+    (dict(depth=3), "unknown override"),
+])
+def test_bad_configurations(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    models.build_model("LaMamba-Diff-S", **overrides)
+
+
+def test_bad_input_shape(tiny):
+  model, p = tiny["model"], tiny["params"]
+  with pytest.raises(ValueError, match=r"x must have shape \(B, 16, 8, 3\)"):
+    jax.eval_shape(model.apply, p, jnp.zeros((2, 8, 16, 3)), tiny["t"],
+                   tiny["y"])
+
+
+def test_local_attention_variant_traces():
+  model = models.build_model("LaMamba-Diff-S", attn_mixer="local", **TINY)
+  assert model.attn_options_for((8, 4), False) == {"window": 1}
+  x = jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.float32)
+  y = jax.ShapeDtypeStruct((2,), jnp.int32)
+  p = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y)
+  chex.assert_shape(jax.eval_shape(model.apply, p, x, t, y), (2, 16, 8, 6))
+
+
+def test_swin_windows_per_stage():
+  model = models.build_model("LaMamba-Diff-XL")
+  assert model.attn_options_for((32, 32), False) == {"window": (8, 8),
+                                                      "shift": (0, 0)}
+  assert model.attn_options_for((32, 32), True) == {"window": (8, 8),
+                                                     "shift": (4, 4)}
+  # A grid no larger than the window attends globally, unshifted (paper).
+  assert model.attn_options_for((8, 8), True) == {"window": (8, 8),
+                                                   "shift": (0, 0)}
+  assert model.attn_options_for((16, 8), True) == {"window": (8, 8),
+                                                    "shift": (4, 0)}
+
+
+@pytest.mark.parametrize("arg, data, side", [
+    ("imagenet256", "imagenet256_latents", 32),
+    ("imagenet512,model=LaMamba-Diff-B", "imagenet512_latents", 64)])
+def test_imagenet_configs_build(arg, data, side):
+  c = lamamba_config.get_config(arg)
+  model, _ = sampling.model_from_config(c)
+  assert isinstance(model, lamamba.LaMambaDiff)
+  assert c.data.name == data and model.grid_shape == (side, side)
+  assert c.batch_size == 256 and c.optim.lr == 1e-4 and "vae" in c
+
+
+@pytest.mark.parametrize("arg", ["nope", "digits,foo=1"])
+def test_bad_config_args(arg):
+  with pytest.raises(ValueError, match="configs/lamamba.py"):
+    lamamba_config.get_config(arg)
+
+
+def test_digits_config_trains(tfds_dir, tmp_path):
+  """The digits config through jdit.train.run: 30 steps, falling loss."""
+  c = lamamba_config.get_config()
+  c.data.data_dir = tfds_dir
+  c.batch_size = 32
+  c.total_steps = 30
+  c.log_every = 10
+  c.checkpoint_every = 30
+  c.optim.warmup_steps = 1
+  c.sample.per_class = 0
+  train_lib.run(c, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == [10, 20, 30]
+  losses = [r["loss"] for r in rows]
+  print(f"\nLaMamba-Diff digits losses at steps 10/20/30: {losses}")
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
