@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pallas_kernels
 
-from jdit.models.mixers import (Projection, out_projection, qkv_projection,
-                                register_mixer)
+from jdit.models.mixers import (Projection, attention, out_projection,
+                                qkv_projection, register_mixer)
 
 
 def _per_axis(value, grid_shape, what: str) -> tuple[int, ...]:
@@ -320,12 +320,12 @@ class ProxyAttention(nn.Module):
     # GIIM: proxies attend to each other, then tokens read from them.
     proxies = _pool(x, grid_shape, pwin)
     pq, pk, pv = qkv_projection(proxies, heads, name="proxy_qkv", **kw)
-    proxies = out_projection(jax.nn.dot_product_attention(pq, pk, pv),
+    proxies = out_projection(attention(pq, pk, pv),
                              name="proxy_proj", **kw)
     q = _head_projection(x, 1, heads, name="cross_q", **kw)[:, :, 0]
     kv = _head_projection(proxies, 2, heads, name="cross_kv", **kw)
     ck, cv = kv[:, :, 0], kv[:, :, 1]
-    g = out_projection(jax.nn.dot_product_attention(q, ck, cv),
+    g = out_projection(attention(q, ck, cv),
                        name="cross_proj", **kw)
     # TCM on the GIIM-updated tokens.
     y = x + g
@@ -399,7 +399,7 @@ class KVCompressAttention(nn.Module):
         return norm(t).astype(self.dtype).reshape(b, -1, heads, hd)
 
       k, v = compress(k), compress(v)
-    o = jax.nn.dot_product_attention(q, k, v)
+    o = attention(q, k, v)
     return out_projection(o, **kw)
 
   def macs(self, grid_shape, dim):

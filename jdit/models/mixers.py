@@ -14,6 +14,7 @@ field are rejected with the list of the ones it does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -122,13 +123,34 @@ def out_projection(o, *, dtype, param_dtype, name="proj"):
                     param_dtype=param_dtype, name=name)(o)
 
 
+def attention(q, k, v, mask=None):
+  """Dense attention, (B, L, heads, head_dim) -> same; cuDNN flash on GPU.
+
+  jax.nn.dot_product_attention's default ("xla") materialises the full score
+  matrix on GPU, so on CUDA with 16-bit inputs and a head_dim cuDNN supports
+  (multiple of 8, <= 128) this asks for implementation="cudnn" explicitly.
+  The platform is chosen at lowering time; if cuDNN cannot be used there
+  (e.g. exporting for CUDA from a CPU-only machine, where the cuDNN version
+  cannot be queried), it falls back to the XLA implementation.
+  """
+  xla = functools.partial(jax.nn.dot_product_attention, mask=mask)
+  head_dim = q.shape[-1]
+  if (mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16)
+      or head_dim % 8 or head_dim > 128):
+    return xla(q, k, v)
+
+  def cuda(q, k, v):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError):
+      return xla(q, k, v)
+
+  return jax.lax.platform_dependent(q, k, v, cuda=cuda, default=xla)
+
+
 @register_mixer("attention")
 class Attention(nn.Module):
-  """Full multi-head self-attention (the DiT mixer).
-
-  Uses jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU
-  for bf16/f16 inputs and XLA elsewhere; softmax statistics are float32.
-  """
+  """Full multi-head self-attention (the DiT mixer), see `attention`."""
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -138,5 +160,5 @@ class Attention(nn.Module):
     del grid_shape, deterministic
     q, k, v = qkv_projection(x, self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    o = jax.nn.dot_product_attention(q, k, v)
+    o = attention(q, k, v)
     return out_projection(o, dtype=self.dtype, param_dtype=self.param_dtype)
