@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jdit import checkpoint, data, diffusion, sampling, sharding
+from jdit import checkpoint, data, diffusion, distill, sampling, sharding
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -81,6 +81,8 @@ def _restore_or_init(mngr, model, tx, mesh, rules, config):
   state = ts.create_state(model, tx, mesh, rules, config.seed)
   step = mngr.latest_step()
   if step is None:
+    if distill.init_path(config):  # a fine-tune starts from those weights
+      state = distill.init_from(state, distill.init_path(config))
     return state, 0
   target = {k: jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -131,18 +133,26 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                      f"must be divisible by the {par} devices of the batch "
                      f"axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}")
   tx, schedule = ts.make_optimizer(config.optim, config.total_steps)
+  distiller = (distill.Distiller(config, model, objective)
+               if distill.enabled(config) else None)
+  if distiller:  # only the attention layers are trained
+    tx = distiller.optimizer(tx)
   mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
                             keep=config.get("keep_checkpoints", 3))
   state, start = _restore_or_init(mngr, model, tx, mesh, rules, config)
-  source = data.load_source(config.data.name, config.data.split,
-                            config.data.data_dir)
-  pipeline = data.InputPipeline(
-      source, spec, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      flip=config.data.flip)
-  train_step = ts.make_train_step(model, objective, tx,
-                                  ema_decay=config.ema_decay, grad_accum=accum,
-                                  seed=config.seed, mesh=mesh, rules=rules)
+  if distiller:  # teacher-generated samples and the distillation loss
+    pipeline, train_step = distiller.prepare(state, tx, mesh, rules, workdir)
+  else:
+    source = data.load_source(config.data.name, config.data.split,
+                              config.data.data_dir)
+    pipeline = data.InputPipeline(
+        source, spec, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        flip=config.data.flip)
+    train_step = ts.make_train_step(model, objective, tx,
+                                    ema_decay=config.ema_decay,
+                                    grad_accum=accum, seed=config.seed,
+                                    mesh=mesh, rules=rules)
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -88,54 +88,70 @@ def create_state(model: nn.Module, tx, mesh, rules, seed: int) -> TrainState:
 
 
 def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
-                    grad_accum: int, seed: int, mesh, rules):
-  """Returns a jitted (state, batch) -> (state, metrics), state donated.
+                    grad_accum: int, seed: int, mesh, rules, apply_fn=None):
+  """Returns a jitted (state, batch, frozen=None) -> (state, metrics).
 
-  All randomness is per example: example i of global batch `step` uses
-  fold_in(fold_in(key(seed), step), i), so results depend neither on the
-  number of devices nor on how the batch is split for gradient accumulation.
+  The state is donated. All randomness is per example: example i of global
+  batch `step` uses fold_in(fold_in(key(seed), step), i), so results depend
+  neither on the number of devices nor on how the batch is split for
+  gradient accumulation.
+
+  Args:
+    apply_fn: how the objective's network call is made, (params, frozen,
+      x_t, t, y, drop) -> (output, {name: scalar loss}); the named losses are
+      added to the loss and logged. Default: the model, with what it sows
+      under "aux_loss" (MoE) as "aux_loss". `frozen` is the step's third
+      argument (e.g. a distillation teacher's params, see jdit.distill),
+      passed per call so that it is not baked into the compiled step.
   """
   base_key = jax.random.key(seed)
   drop_prob = model.class_dropout_prob
 
-  def loss_fn(params, x, y, keys):
+  if apply_fn is None:
+    def apply_fn(params, frozen, x_t, t, y, drop):
+      del frozen
+      out, state = model.apply({"params": params}, x_t, t, y, train=True,
+                               force_drop_ids=drop, mutable=["aux_loss"])
+      aux = jax.tree.leaves(state.get("aux_loss", {}))
+      return out, ({"aux_loss": sum(jnp.sum(a) for a in aux)} if aux else {})
+
+  def loss_fn(params, frozen, x, y, keys):
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     drop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     drop = label_drop_mask(drop_keys, drop_prob)
-    aux = []
+    extra = {}
 
     def model_fn(x_t, t, y_):
       # The objective may evaluate the model on a batch built from x (same
       # order); label dropout applies to the labels it passes through.
-      out, state = model.apply({"params": params}, x_t, t, y_, train=True,
-                               force_drop_ids=drop, mutable=["aux_loss"])
-      aux.extend(jax.tree.leaves(state.get("aux_loss", {})))
+      out, terms = apply_fn(params, frozen, x_t, t, y_, drop)
+      for k, v in terms.items():
+        extra[k] = extra[k] + v if k in extra else v
       return out
 
     loss, metrics = objective.loss(model_fn, x, noise_keys, y)
-    if aux:
-      aux_total = sum(jnp.sum(a) for a in aux)
-      metrics = {**metrics, "aux_loss": aux_total}
-      loss = loss + aux_total
+    if extra:
+      metrics = {**metrics, **extra}
+      loss = loss + sum(extra.values())
     return loss, metrics
 
-  def step_fn(state: TrainState, batch):
+  def step_fn(state: TrainState, batch, frozen=None):
     x, y = batch["x"], batch["y"]
     b = x.shape[0]
     step_key = jax.random.fold_in(base_key, state.step)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(b))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-      (loss, metrics), grads = grad_fn(state.params, x, y, keys)
+      (loss, metrics), grads = grad_fn(state.params, frozen, x, y, keys)
     else:
       micro = lambda a: a.reshape((grad_accum, b // grad_accum) + a.shape[1:])
 
       def body(carry, mb):
-        (l, m), g = grad_fn(state.params, *mb)
+        (l, m), g = grad_fn(state.params, frozen, *mb)
         return jax.tree.map(jnp.add, carry, (l, m, g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state.params, micro(x)[0], micro(y)[0],
+          lambda: grad_fn(state.params, frozen, micro(x)[0], micro(y)[0],
                           micro(keys)[0])))
       zeros = (zeros[0][0], zeros[0][1], zeros[1])
       (loss, metrics, grads), _ = jax.lax.scan(
