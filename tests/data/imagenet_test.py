@@ -219,3 +219,37 @@ def test_imagenet_configs_fit_their_datasets(name, arg, side):
       "scale_factor"]
   with pytest.raises(ValueError, match="bad option"):
     load_config("dit_imagenet256", "resolution=128")
+
+
+def test_two_hosts_write_the_same_dataset(extracted, monkeypatch, tmp_path):
+  # Simulates two hosts in one process: host 0 waits at the "written" barrier
+  # while host 1 encodes its half; then host 0 merges and renames.
+  one_host, _, _, args = extracted
+  out = str(tmp_path / "two")
+  args = args[:args.index("--out") + 1] + [out] + args[args.index("--out")
+                                                      + 2:]
+  host = [0]
+  monkeypatch.setattr(jax, "process_index", lambda: host[0])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+  def barrier(name):
+    if name == "extract_latents_written" and host[0] == 0:
+      host[0] = 1
+      extract_latents.main(args)
+      host[0] = 0
+
+  monkeypatch.setattr(extract_latents, "_sync", barrier)
+  extract_latents.main(args)
+  a = tfds.builder_from_directory(one_host).as_data_source("train")
+  b = tfds.builder_from_directory(out).as_data_source("train")
+  assert len(b) == len(a) == 2 * NUM_CLASSES * PER_CLASS
+  for i in range(len(a)):
+    np.testing.assert_array_equal(a[i]["latent_mean"], b[i]["latent_mean"])
+    assert a[i]["label"] == b[i]["label"]
+  shards = [f for f in os.listdir(out) if ".array_record-" in f]
+  assert len(shards) == 4  # 12 rows per host, 10 per shard
+  with open(os.path.join(out, latents.STATS_FILE)) as fh:
+    stats = json.load(fh)
+  with open(os.path.join(one_host, latents.STATS_FILE)) as fh:
+    np.testing.assert_allclose(stats["channel_std"],
+                               json.load(fh)["channel_std"], rtol=1e-6)
