@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -154,3 +155,42 @@ def test_clear_distill_configs():
       == 2
   with pytest.raises(ValueError, match="bad option"):
     load_config("clear_distill", "radius=3")
+
+
+def _tiny_dit(**overrides):
+  from jdit.models import build_model  # pylint: disable=g-import-not-at-top
+  return build_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10,
+                     learn_sigma=True, **TINY_MODEL, **overrides)
+
+
+def test_distillation_terms_and_frozen_gradients():
+  """Zero for an identical student; gradients reach only attention params."""
+  teacher = _tiny_dit()
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  t = jnp.array([1.0, 200.0, 500.0, 900.0])
+  y = jnp.array([0, 3, 7, 10])
+  params = teacher.init(jax.random.key(1), x, t, y)["params"]
+  # Random adaLN gates and final layer (zero at init) so attention matters.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [
+      p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  drop = jnp.zeros(4, bool)
+  mask = distill.trainable_mask(params, "attn")
+
+  same = distill.make_apply_fn(teacher, teacher, mask, 0.5, 0.5)
+  _, terms = same(params, params, x, t, y, drop)
+  assert terms == {"distill_out": 0.0, "distill_attn": 0.0}
+
+  student = _tiny_dit(mixer="local", mixer_options={"window": 1})
+  apply_fn = distill.make_apply_fn(student, teacher, mask, 0.5, 0.5)
+  _, terms = apply_fn(params, params, x, t, y, drop)
+  assert terms["distill_out"] > 1e-6 and terms["distill_attn"] > 1e-6
+
+  grads = jax.grad(lambda p: sum(apply_fn(p, params, x, t, y, drop)[1]
+                                 .values()))(params)
+  for key, g in distill._flat(grads).items():  # pylint: disable=protected-access
+    if "/attn/" in key:
+      assert np.abs(g).max() > 0, key
+    else:
+      assert not np.any(g), key
