@@ -75,7 +75,8 @@ def init_path(config: ml_collections.ConfigDict) -> str:
   return path or (config.distill.teacher if enabled(config) else "")
 
 
-def _flat(tree) -> dict[str, jax.ShapeDtypeStruct]:
+def flatten_params(tree) -> dict:
+  """{"blocks_0/attn/qkv/kernel": leaf, ...}: leaves by "/"-joined path."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in leaves}
@@ -83,7 +84,7 @@ def _flat(tree) -> dict[str, jax.ShapeDtypeStruct]:
 
 def check_compatible(params, target, what: str) -> None:
   """Raises ValueError naming missing, unexpected and mis-shaped params."""
-  got, want = _flat(params), _flat(target)
+  got, want = flatten_params(params), flatten_params(target)
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
   shapes = [f"{k}: {np.shape(got[k])} vs {np.shape(want[k])}"
@@ -156,7 +157,7 @@ def _is_mixer(module, method: str) -> bool:
 def _attention_outputs(state) -> dict[str, jax.Array]:
   """{block path: mixer output} from captured intermediates."""
   out = {}
-  for path, leaf in _flat(state.get("intermediates", {})).items():
+  for path, leaf in flatten_params(state.get("intermediates", {})).items():
     if f"/{ATTN_MODULE}/__call__" in "/" + path:
       out[path] = leaf
   return out

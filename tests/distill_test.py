@@ -92,7 +92,8 @@ def test_clear_conversion(teacher_dir, tfds_dir, tmp_path, monkeypatch):
 
   teacher, _ = checkpoint.load_for_sampling(teacher_dir)
   student = raw_params(work)
-  flat_t, flat_s = distill._flat(teacher), distill._flat(student)  # pylint: disable=protected-access
+  flat_t = distill.flatten_params(teacher)
+  flat_s = distill.flatten_params(student)
   assert set(flat_t) == set(flat_s)
   changed = []
   for key in flat_t:
@@ -189,7 +190,7 @@ def test_distillation_terms_and_frozen_gradients():
 
   grads = jax.grad(lambda p: sum(apply_fn(p, params, x, t, y, drop)[1]
                                  .values()))(params)
-  for key, g in distill._flat(grads).items():  # pylint: disable=protected-access
+  for key, g in distill.flatten_params(grads).items():
     if "/attn/" in key:
       assert np.abs(g).max() > 0, key
     else:
