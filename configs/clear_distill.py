@@ -19,7 +19,8 @@ ImageNet 256 (DiT-XL/2; convert the official checkpoint first):
     python -m jdit.convert dit --checkpoint DiT-XL-2-256x256.pt \\
         --model DiT-XL/2 --out /ckpt/dit_xl2_256
     python train.py --config configs/clear_distill.py:imagenet256 \\
-        --config.distill.teacher=/ckpt/dit_xl2_256 --workdir runs/clear_xl2
+        --config.distill.teacher=/ckpt/dit_xl2_256 \\
+        --config.vae.path=/ckpt/sd-vae-ft-ema --workdir runs/clear_xl2
     python sample.py --checkpoint runs/clear_xl2 --cfg_scale 1.5 \\
         --steps 250
 
