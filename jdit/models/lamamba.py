@@ -4,7 +4,10 @@ Fu, Chen & Yu, "LaMamba-Diff: Linear-Time High-Fidelity Diffusion Models
 Based on Local Attention and Mamba" (arXiv 2408.02615). Architecture read from
 the paper and yunxiangfu2001/LaMamba-Diff (model/lamamba.py,
 configs/LaMamba-DIff-XL.yaml); no code is copied. The token mixers are the
-registered `mamba` and `window` (or `local`) mixers, not copies.
+registered `mamba` and `window` mixers (the paper's windows are Swin's;
+attn_mixer="local" swaps in CLEAR's neighbourhood attention, a Pallas
+kernel on GPU/TPU). Patch merging/expanding and the output layer are in
+lamamba_layers.py. S/B/L widths are our choice (see SIZES).
 
 LaMamba block (adaLN-Zero, nine modulation vectors from the condition
 projected to the stage width):
