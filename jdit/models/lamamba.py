@@ -297,11 +297,10 @@ class LaMambaDiff(nn.Module):
 
     def block(d, grid, j, project):
       length = math.prod(grid)
-      mix = mixer_macs("mamba", self._mamba_options, self.num_heads,
-                                 grid, d)
+      mix = mixer_macs("mamba", self._mamba_options, self.num_heads, grid, d)
       mix += mixer_macs(self.attn_mixer,
-                                  self.attn_options_for(grid, j % 2 == 1),
-                                  self.num_heads, grid, d)
+                        self.attn_options_for(grid, j % 2 == 1),
+                        self.num_heads, grid, d)
       proj = cond * d if (project or d != cond) else 0
       return mix + 2 * length * d * int(d * self.mlp_ratio) + 9 * d * d + proj
 
