@@ -4,7 +4,7 @@
     python train.py --config configs/lamamba.py:imagenet256 \\
         --config.data.data_dir=/data/latents/imagenet256 \\
         --config.vae.path=/ckpt/sd-vae-ft-mse --workdir runs/lamamba_xl_256
-    python train.py --config configs/lamamba.py:imagenet512,model=LaMamba-Diff-XL
+    python train.py --config configs/lamamba.py:imagenet512   # XL, 64x64x4
     python train.py --config configs/lamamba.py:imagenet256,model=LaMamba-Diff-B
 
 "digits" (the default) is configs/default.py with a tiny LaMamba-Diff: 8x8
