@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"      # constant | cosine (after warmup)
   c.optim.grad_accum = 1           # micro-batches per step (same result)
   c.ema_decay = 0.999
+  c.ema_warmup = True              # decay min(0.999, (1+step)/(10+step))
 
   # Mesh axis sizes; -1 takes the remaining devices. Logical -> mesh rules
   # live in jdit.sharding (override with c.axis_rules).

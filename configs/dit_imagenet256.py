@@ -115,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = "constant"
   c.optim.grad_accum = 1
   c.ema_decay = 0.9999
+  c.ema_warmup = False               # DiT: EMA = params at step 0, no warmup
 
   c.mesh = ml_collections.ConfigDict(
       {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})

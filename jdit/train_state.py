@@ -160,7 +160,8 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
                                           (loss, metrics, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                        state.ema_params, params)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
     return TrainState(step=state.step + 1, params=params, ema_params=ema,

@@ -248,3 +248,10 @@ def test_flow_objective_by_one_flag(tiny_config, tmp_path):
   assert all(np.isfinite(l) for _, l in losses(tmp_path))
   assert np.load(tmp_path / "samples_step2.npz")["arr_0"].shape == (10, 8, 8,
                                                                      1)
+
+
+def test_ema_warmup_schedule():
+  assert float(ts.ema_decay_at(0, 0.999, True)) == pytest.approx(0.1)
+  assert float(ts.ema_decay_at(990, 0.999, True)) == pytest.approx(0.99)
+  assert float(ts.ema_decay_at(10**6, 0.999, True)) == pytest.approx(0.999)
+  assert float(ts.ema_decay_at(0, 0.9999, False)) == pytest.approx(0.9999)
