@@ -152,7 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     train_step = ts.make_train_step(model, objective, tx,
                                     ema_decay=config.ema_decay,
                                     grad_accum=accum, seed=config.seed,
-                                    mesh=mesh, rules=rules)
+                                    mesh=mesh, rules=rules,
+                                    ema_warmup=config.get("ema_warmup", False))
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

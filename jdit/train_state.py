@@ -87,8 +87,22 @@ def create_state(model: nn.Module, tx, mesh, rules, seed: int) -> TrainState:
                    out_shardings=out_shardings)(jax.random.key(seed))
 
 
+def ema_decay_at(step, decay: float, warmup: bool):
+  """The EMA decay used at `step`.
+
+  With warmup the decay is min(decay, (1 + step) / (10 + step)): short runs
+  would otherwise keep a large share of the initial (adaLN-Zero, i.e.
+  output-free) weights in the EMA; 0.999 ** 1000 is still 37%.
+  """
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
-                    grad_accum: int, seed: int, mesh, rules, apply_fn=None):
+                    grad_accum: int, seed: int, mesh, rules, apply_fn=None,
+                    ema_warmup: bool = False):
   """Returns a jitted (state, batch, frozen=None) -> (state, metrics).
 
   The state is donated. All randomness is per example: example i of global
