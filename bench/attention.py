@@ -22,26 +22,14 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import time_ms
 from pallas_kernels.local_attention import (BlockSizes, local_attention,
                                             visited_fraction)
-
-
-def _time_ms(fn, args, warmup, iters):
-  for _ in range(warmup):  # the first call compiles
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(times)
 
 
 def _visible_pairs(grid, window, shape):
@@ -137,9 +125,9 @@ def main():
     for cand in (["cudnn", None] if on_gpu else [None]):
       try:
         f = jax.jit(_dense(cand))
-        dense_ms = {"fwd": _time_ms(f, (q, k, v), args.warmup, args.iters),
-                    "fwd_bwd": _time_ms(_with_grad(_dense(cand)), (q, k, v),
-                                        args.warmup, args.iters)}
+        dense_ms = {"fwd": time_ms(f, (q, k, v), args.iters, args.warmup),
+                    "fwd_bwd": time_ms(_with_grad(_dense(cand)), (q, k, v),
+                                        args.iters, args.warmup)}
         dense_impl = cand or "xla"
         break
       except Exception as e:  # pylint: disable=broad-except
@@ -179,7 +167,7 @@ def main():
           for f in fs:
             fn = jax.jit(f) if mode == "fwd" else _with_grad(f)
             try:
-              ms = _time_ms(fn, (q, k, v), args.warmup, args.iters)
+              ms = time_ms(fn, (q, k, v), args.iters, args.warmup)
               break
             except Exception as e:  # pylint: disable=broad-except
               emit(what=what, mode=mode, shape=info,

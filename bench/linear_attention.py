@@ -22,36 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from timing import copy_bandwidth_gbs, time_ms
 from pallas_kernels.linear_attention import BlockSizes
 from pallas_kernels.linear_attention import linear_attention
 
 FULL_SHAPES = [(8, n, 16, 72) for n in (1024, 4096, 16384)]
 SMOKE_SHAPES = [(1, 70, 2, 24)]
-
-
-def _time_ms(fn, args, iters):
-  """Median wall time of fn(*args) in ms, after a compile + warm-up."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
-
-
-def copy_bandwidth_gbs(nbytes, iters):
-  """Device copy bandwidth: read + write of an nbytes f32 buffer."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  ms = _time_ms(jax.jit(lambda x: x + 1), (x,), iters)
-  return 2 * nbytes / ms / 1e6
 
 
 def roof_bytes(q, backward):
@@ -120,7 +100,7 @@ def run(shapes, dtype, iters, bs, impls, copy_gbs, causals):
             if device.platform == "cpu":
               rec["note"] = "interpret mode (no accelerator): not kernel time"
           try:
-            ms = _time_ms(jax.jit(fn), args, iters)
+            ms = time_ms(jax.jit(fn), args, iters)
           except Exception as e:  # OOM etc.: report and keep going
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(json.dumps(rec), flush=True)

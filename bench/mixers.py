@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from timing import time_ms
 from jdit import models
 from jdit.models.flops import model_macs
 
@@ -40,17 +39,6 @@ FAMILIES = {
     "kv_compress": {"ratio": 2},
 }
 KERNEL_MIXERS = ("local", "linear", "mamba")  # take impl=
-
-
-def _time_ms(fn, args, warmup, iters):
-  for _ in range(warmup):  # the first call compiles
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(times)
 
 
 def _options(mixer, grid_side, impl):
@@ -96,10 +84,10 @@ def bench_one(name, mixer, input_size, args):
 
   macs = model_macs(model)
   out = {}
-  out["forward"] = (_time_ms(fwd, (params, x, t, y), args.warmup, args.iters),
+  out["forward"] = (time_ms(fwd, (params, x, t, y), args.iters, args.warmup),
                     2.0 * macs)
-  out["train_step"] = (_time_ms(train_step, (params, opt_state, x, t, y),
-                                args.warmup, args.iters), 6.0 * macs)
+  out["train_step"] = (time_ms(train_step, (params, opt_state, x, t, y),
+                                args.iters, args.warmup), 6.0 * macs)
   return out
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from timing import copy_bandwidth_gbs, time_ms
 from pallas_kernels import selective_scan_pallas as ssp
 from pallas_kernels.selective_scan import BlockSizes
 from pallas_kernels.selective_scan import selective_scan
@@ -34,25 +33,6 @@ from pallas_kernels.selective_scan import selective_scan_reference
 FULL_SHAPES = [(8, length, dim, 1, 16) for length in (1024, 4096)
                for dim in (1536, 2304)]
 SMOKE_SHAPES = [(2, 40, 24, 1, 4)]
-
-
-def _time_ms(fn, args, iters):
-  """Median wall time of fn(*args) in ms, after a compile + warm-up."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
-
-
-def copy_bandwidth_gbs(nbytes, iters):
-  """Device copy bandwidth: read + write of an nbytes f32 buffer."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  ms = _time_ms(jax.jit(lambda x: x + 1), (x,), iters)
-  return 2 * nbytes / ms / 1e6
 
 
 def make_inputs(shape, dtype):
@@ -125,7 +105,7 @@ def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
           if device.platform == "cpu":
             rec["note"] = "interpret mode (no accelerator): not kernel time"
         try:
-          ms = _time_ms(jax.jit(f), args, iters)
+          ms = time_ms(jax.jit(f), args, iters)
         except Exception as e:  # OOM etc.: report and keep going
           rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
           print(json.dumps(rec), flush=True)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,3 +39,26 @@ def test_datasheet_peaks():
   assert peak("TPU v5 lite") == 197.0 and peak("TPU v5p") == 459.0
   assert peak("TPU v4") == 275.0 and peak("TPU v6 lite") == 918.0
   assert peak("cpu") is None
+
+
+@pytest.mark.parametrize("script,fields", [
+    ("attention.py", ("what", "time_ms", "device", "jax")),
+    ("scan.py", ("what", "ms", "gbs", "copy_ratio")),
+    ("linear_attention.py", ("what", "ms", "gbs", "copy_ratio")),
+    ("mixers.py", ("what", "mixer", "time_ms", "speedup")),
+])
+def test_kernel_benches_smoke(script, fields):
+  """Each benchmark runs at a tiny size on CPU and prints JSON lines."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "bench", script), "--smoke"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in proc.stdout.splitlines()
+          if l.startswith("{")]
+  assert rows, proc.stdout
+  for row in rows:
+    if "error" in row:
+      continue
+    for field in fields:
+      assert field in row, (field, row)
