@@ -40,22 +40,12 @@ asks, so stop earlier (or pass --config.total_steps=400000) for the table.
 Compute in bfloat16 (params and optimizer in float32); DiT trained in fp32.
 The published recipe has no gradient clipping (grad_clip = 0 here).
 """
-import importlib.util
-import os
 
 import ml_collections
 
+from jdit.config_util import sibling_config
+
 RESOLUTIONS = {256: "imagenet256_latents", 512: "imagenet512_latents"}
-
-
-def _default_config() -> ml_collections.ConfigDict:
-  # Loaded by path: config files are run from a path (config_flags), where
-  # `configs` need not be an importable package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("jdit_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _parse(arg: str | None) -> dict:
@@ -75,7 +65,7 @@ def _parse(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   kw = _parse(arg)
   res = int(kw["res"])
-  c = _default_config()
+  c = sibling_config(__file__, "default")
   c.seed = 0
   c.batch_size = 256                 # global
   c.total_steps = 7_000_000          # issue 5; the DiT table is at 400K

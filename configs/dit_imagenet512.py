@@ -13,14 +13,9 @@ diffusion; 1024 tokens per image for /2 models.
 `configs/dit_imagenet512.py:model=DiT-L/2` picks another model. DiT's
 XL/2-512 model was trained for 3M steps; total_steps stays 7M (override).
 """
-import importlib.util
-import os
+from jdit.config_util import sibling_config
 
 
 def get_config(arg: str | None = None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "dit_imagenet256.py")
-  spec = importlib.util.spec_from_file_location("jdit_configs_in256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(",".join(p for p in ((arg or ""), "res=512") if p))
+  return sibling_config(__file__, "dit_imagenet256",
+                        ",".join(p for p in ((arg or ""), "res=512") if p))

@@ -13,26 +13,12 @@ loss by the trainer (the "aux_loss" collection). The token batch is split
 over (data, fsdp, expert); experts are split over `expert` and exchanged with
 all-to-all, so `num_experts` must be divisible by `mesh.expert`.
 """
-import importlib.util
-import os
 
 import ml_collections
 
+from jdit.config_util import sibling_config
+
 from jdit.models.moe_models import dit_moe_options
-
-
-def _default_config() -> ml_collections.ConfigDict:
-  # Loaded by path: config files are run from a path (config_flags), where
-  # `configs` need not be an importable package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("jdit_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-# ImageNet 256x256 as SD-VAE latents (32x32x4). The dataset name is the one
-# the data pipeline registers for pre-extracted latents.
-IMAGENET_LATENTS = "imagenet256_latents"
 
 
 def _parse(arg: str | None) -> tuple[str, dict]:
@@ -56,7 +42,7 @@ def _parse(arg: str | None) -> tuple[str, dict]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, kw = _parse(arg)
-  c = _default_config()
+  c = sibling_config(__file__, "default")
   if variant == "digits":
     # Fine-grained experts (width D instead of 4D) keep the CPU run close to
     # the dense default's cost: 8 experts, 2 routed per token, 2 shared.

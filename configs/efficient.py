@@ -15,10 +15,10 @@ DiT (8x8 images, a 4x4 token grid) and only swaps the mixer, with options
 sized for that grid; the imagenet variant uses the family's registered model
 (jdit/models/families.py) at 256px with its paper hyperparameters.
 """
-import importlib.util
-import os
 
 import ml_collections
+
+from jdit.config_util import sibling_config
 
 # family -> (named model at 256px, mixer, mixer options for the 4x4 digits
 # token grid).
@@ -37,16 +37,6 @@ FAMILIES = {
 ALIASES = {"dim": "mamba", "pt-dit": "proxy", "ptdit": "proxy",
            "kvc": "kv_compress", "kvcompress": "kv_compress", "clear": "local"}
 IMAGENET_LATENTS = "imagenet256_latents"
-
-
-def _default_config() -> ml_collections.ConfigDict:
-  # Loaded by path: config files are run from a path (config_flags), where
-  # `configs` need not be an importable package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("jdit_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _parse(arg):
@@ -73,7 +63,7 @@ def _parse(arg):
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   family, variant, kw = _parse(arg)
   named, mixer, digits_options = FAMILIES[family]
-  c = _default_config()
+  c = sibling_config(__file__, "default")
   if variant == "digits":
     # Same tiny DiT as the default; only the token mixer changes.
     c.model.mixer = mixer

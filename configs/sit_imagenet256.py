@@ -21,19 +21,9 @@ Options (arg): the same as configs/dit_imagenet256.py, e.g.
 `configs/sit_imagenet256.py:model=DiT-B/2,res=512`; `path=gvp` picks SiT's
 GVP interpolant, `time=logit_normal` SD3's training-time distribution.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _dit_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "dit_imagenet256.py")
-  spec = importlib.util.spec_from_file_location("jdit_configs_dit256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from jdit.config_util import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       flow[key] = value
     else:
       dit_args.append(part)
-  c = _dit_config(",".join(dit_args) or None)
+  c = sibling_config(__file__, "dit_imagenet256",
+                     ",".join(dit_args) or None)
   c.objective = "flow"
   c.model.learn_sigma = False
   f = c.diffusion.flow

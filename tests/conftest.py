@@ -10,7 +10,6 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,11 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def load_config(name: str, arg: str | None = None):
   """Loads configs/<name>.py and returns get_config(arg)."""
-  spec = importlib.util.spec_from_file_location(
-      f"configs_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  from jdit.config_util import load_config as load  # after XLA_FLAGS is set
+  return load(str(ROOT / "configs" / f"{name}.py"), arg)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,32 @@
+"""Loading Python config files by path.
+
+Config files live in configs/ (not a package: config_flags runs them from a
+path), and several build on another one, e.g. ImageNet on the default.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def load_config(path: str, arg: str | None = None
+                ) -> ml_collections.ConfigDict:
+  """Runs the config file at `path` and returns get_config(arg)."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  name = "jdit_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None
+                   ) -> ml_collections.ConfigDict:
+  """get_config(arg) of configs/<name>.py next to `config_file` (__file__)."""
+  return load_config(
+      os.path.join(os.path.dirname(os.path.abspath(config_file)),
+                   f"{name}.py"), arg)
