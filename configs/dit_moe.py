@@ -20,6 +20,10 @@ from jdit.config_util import sibling_config
 
 from jdit.models.moe_models import dit_moe_options
 
+# ImageNet 256x256 as SD-VAE latents (32x32x4). The dataset name is the one
+# the data pipeline registers for pre-extracted latents.
+IMAGENET_LATENTS = "imagenet256_latents"
+
 
 def _parse(arg: str | None) -> tuple[str, dict]:
   parts = [p for p in (arg or "digits").split(",") if p]
