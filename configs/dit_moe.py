@@ -17,7 +17,6 @@ all-to-all, so `num_experts` must be divisible by `mesh.expert`.
 import ml_collections
 
 from jdit.config_util import sibling_config
-
 from jdit.models.moe_models import dit_moe_options
 
 # ImageNet 256x256 as SD-VAE latents (32x32x4). The dataset name is the one
