@@ -105,7 +105,7 @@ def save_for_sampling(directory: str, params, config: ml_collections.ConfigDict,
   args = ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       ema_params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave({}),
+      # no opt_state item: orbax refuses empty trees, and there is none
       meta=ocp.args.JsonSave({"step": step, "data_step": step, "config":
                               config_to_dict(config)}))
   mngr.save(step, args=args, force=True)
