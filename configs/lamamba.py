@@ -20,24 +20,12 @@ with the sd-vae-ft-mse VAE. Latents extracted with another SD-VAE
 checkpoint work the same (same scale factor). Everything else (DDPM with
 learned sigma, EMA 0.9999, label dropout 0.1, constant lr) is DiT's.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from jdit.config_util import sibling_config
+
 VARIANTS = ("digits", "imagenet256", "imagenet512")
 EPOCH_STEPS = 1_281_167 // 256  # ImageNet-1k train images / batch 256
-
-
-def _load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  # Loaded by path: config files are run from a path (config_flags), where
-  # `configs` need not be an importable package.
-  spec = importlib.util.spec_from_file_location(
-      f"jdit_configs_{name}", os.path.join(_HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _parse(arg: str | None) -> tuple[str, dict]:
@@ -61,7 +49,7 @@ def _parse(arg: str | None) -> tuple[str, dict]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, kw = _parse(arg)
   if variant == "digits":
-    c = _load("default")
+    c = sibling_config(__file__, "default")
     # A fresh model section: DiT's depth/hidden_size are not LaMamba fields.
     c.model = ml_collections.ConfigDict()
     c.model.name = kw.get("model", "LaMamba-Diff-S")
@@ -83,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
   res = int(variant[len("imagenet"):])
-  c = _load("dit_imagenet256", f"res={res}")
+  c = sibling_config(__file__, "dit_imagenet256", f"res={res}")
   c.model.name = kw.get("model", "LaMamba-Diff-XL")
   c.total_steps = 500 * EPOCH_STEPS  # train_lamamba.sh: 500 epochs
   c.optim.weight_decay = 0.01        # torch AdamW default (official train.py)
