@@ -329,6 +329,7 @@ class Distiller:
         self.student, _Weighted(self.objective, float(d.w_denoise)), tx,
         ema_decay=c.ema_decay, grad_accum=c.optim.get("grad_accum", 1),
         seed=c.seed, mesh=mesh, rules=rules,
+        ema_warmup=c.get("ema_warmup", False),
         apply_fn=make_apply_fn(self.student, self.teacher, mask,
                                float(d.w_out), float(d.w_attn)))
     return pipeline, lambda st, batch: step(st, batch, tparams)
