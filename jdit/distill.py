@@ -24,6 +24,11 @@ Simplifications relative to CLEAR (FLUX, text-to-image, flow matching):
   * the EMA of the student is kept as in ordinary training (frozen params
     stay equal up to float rounding of the EMA update).
 
+The attention output of a block is its mixer's output (before the adaLN-Zero
+gate), captured with flax's `capture_intermediates`, so DiT needs no hook and
+ordinary training pays nothing. The teacher runs in every step at the
+student's x_t, t and (possibly dropped) labels.
+
 Used by jdit.train.run when `config.distill.teacher` is set; `config.init_from`
 (any path checkpoint.load_for_sampling reads, default: the teacher) sets the
 initial params of a fresh run.
