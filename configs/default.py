@@ -18,9 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128               # global, across all devices and hosts
-  c.total_steps = 2000
+  c.total_steps = 1500
   c.log_every = 50
-  c.checkpoint_every = 1000
+  c.checkpoint_every = 500
   c.keep_checkpoints = 3           # the last k checkpoints are kept
   c.objective = "ddpm"             # "ddpm" (ADM/DiT) or "flow" (SiT/RF)
 
