@@ -49,7 +49,13 @@ def mixer_macs(name: str, options, num_heads: int, grid_shape, dim: int):
 
 
 def model_macs(model) -> float:
-  """Multiply-adds of one forward pass of a DiT-family module, per image."""
+  """Multiply-adds of one forward pass of a DiT-family module, per image.
+
+  Backbones that are not isotropic DiTs (e.g. LaMamba-Diff's U-Net) count
+  their own with a `macs()` method.
+  """
+  if hasattr(model, "macs"):
+    return float(model.macs())
   d, p = model.hidden_size, model.patch_size
   grid = model.grid_shape
   length = math.prod(grid)
