@@ -31,22 +31,11 @@ radius in tokens (most of the image; r = 2 would be the same fraction of the
 grid as r = 8 on FLUX's). The digits model has a 4x4 grid: r = 1 sees the 4
 nearest neighbours.
 """
-import importlib.util
-import os
 
 import ml_collections
 
 from jdit import distill
-
-
-def _load(name: str):
-  # Loaded by path: configs/ need not be an importable package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f"jdit_configs_{name[:-3]}",
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from jdit.config_util import sibling_config
 
 
 def _parse(arg: str | None) -> dict:
@@ -66,7 +55,7 @@ def _parse(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   kw = _parse(arg)
   if kw["imagenet256"]:
-    c = _load("dit_imagenet256.py").get_config()
+    c = sibling_config(__file__, "dit_imagenet256")
     window = 8 if kw["window"] is None else kw["window"]
     c.total_steps = 10_000         # CLEAR: 10K iterations
     c.batch_size = 64
@@ -76,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-4
     num_samples, cfg_scale, steps = 10_000, 1.5, 250
   else:
-    c = _load("default.py").get_config()
+    c = sibling_config(__file__, "default")
     window = 1 if kw["window"] is None else kw["window"]
     c.total_steps = 1000
     c.checkpoint_every = 500

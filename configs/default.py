@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3           # the last k checkpoints are kept
   c.objective = "ddpm"             # "ddpm" (ADM/DiT) or "flow" (SiT/RF)
+  c.init_from = ""                 # start a new run from these params (any
+  #                                  checkpoint sample.py reads); "" = init
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "DiT-S/2"         # any build_model name; fields below override
