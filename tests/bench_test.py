@@ -45,7 +45,10 @@ def test_datasheet_peaks():
     ("attention.py", ("what", "time_ms", "device", "jax")),
     ("scan.py", ("what", "ms", "gbs", "copy_ratio")),
     ("linear_attention.py", ("what", "ms", "gbs", "copy_ratio")),
-    ("mixers.py", ("what", "mixer", "time_ms", "speedup")),
+    # Every mixer family compiles twice (forward, train step): minutes on
+    # CPU, and tests/models/mixers_test.py covers the mixers themselves.
+    pytest.param("mixers.py", ("what", "mixer", "time_ms", "speedup"),
+                 marks=pytest.mark.slow),
 ])
 def test_kernel_benches_smoke(script, fields):
   """Each benchmark runs at a tiny size on CPU and prints JSON lines."""

@@ -207,9 +207,11 @@ def test_trains_on_latents_and_resumes_exactly(tiny_latents, tiny_config,
     ("dit_imagenet256", None, 32), ("dit_imagenet512", None, 64),
     ("dit_imagenet256", "model=DiT-B/2,res=512", 64)])
 def test_imagenet_configs_fit_their_datasets(name, arg, side):
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
   from jdit import sampling  # pylint: disable=g-import-not-at-top
-  c = load_config(name, arg)
+  from jdit.config_util import load_config  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  c = load_config(os.path.join(root, "configs", f"{name}.py"), arg)
   model, _ = sampling.model_from_config(c)
   assert data.get_spec(c.data.name).shape == train_lib.sampling_shape(
       model) == (side, side, 4)
