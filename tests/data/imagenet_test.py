@@ -220,7 +220,8 @@ def test_imagenet_configs_fit_their_datasets(name, arg, side):
   assert c.vae.scale_factor == data.get_spec(c.data.name).to_model.keywords[
       "scale_factor"]
   with pytest.raises(ValueError, match="bad option"):
-    load_config("dit_imagenet256", "resolution=128")
+    load_config(os.path.join(root, "configs", "dit_imagenet256.py"),
+                "resolution=128")
 
 
 def test_two_hosts_write_the_same_dataset(extracted, monkeypatch, tmp_path):
