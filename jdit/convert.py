@@ -175,10 +175,25 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
   return out
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+  """tree[path[0]][path[1]]... = value, creating the nested dicts."""
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
+
+
+def torch_to_flax(value, kind: str) -> np.ndarray:
+  """One PyTorch weight in Flax layout, float32.
+
+  kind "conv": Conv2d (out, in, kh, kw) -> (kh, kw, in, out); "linear":
+  Linear (out, in) -> Dense (in, out); anything else is kept as it is.
+  """
+  w = to_numpy(value)
+  if kind == "conv":
+    w = w.transpose(2, 3, 1, 0)
+  elif kind == "linear":
+    w = w.T
+  return np.ascontiguousarray(w, dtype=np.float32)
 
 
 def _get(tree, path):
@@ -258,17 +273,13 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
             f"the checkpoint was trained with another position embedding "
             f"or grid size")
       continue
-    if kind == "conv":  # (D, C, p, p) -> (p, p, C, D)
-      w = w.transpose(2, 3, 1, 0)
-    elif kind == "linear":  # torch Linear (out, in) -> Dense (in, out)
-      w = w.T
-    elif kind == "qkv":  # timm: output index = (s, head, dim), s in q, k, v
+    if kind == "qkv":  # timm: output index = (s, head, dim), s in q, k, v
       w = w.T.reshape(d, 3, heads, d // heads)
     elif kind == "qkv_bias":
       w = w.reshape(3, heads, d // heads)
     elif kind == "proj":  # input index = (head, dim)
       w = w.T.reshape(heads, d // heads, d)
-    _set(params, path, np.ascontiguousarray(w, dtype=np.float32))
+    set_path(params, path, torch_to_flax(w, kind))
 
   # The layout table mirrors the model; a model change that breaks the
   # correspondence must fail here, not produce silently wrong samples.

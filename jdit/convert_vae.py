@@ -176,15 +176,7 @@ def vae_params_from_torch(state_dict: Mapping[str, Any], **config) -> dict:
                      f"AutoencoderKL {convert_config(model)}")
   params: dict = {}
   for key, (_, kind, path) in layout.items():
-    w = convert.to_numpy(sd[key])
-    if kind == "conv":
-      w = w.transpose(2, 3, 1, 0)
-    elif kind == "linear":
-      w = w.T
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = np.ascontiguousarray(w, dtype=np.float32)
+    convert.set_path(params, path, convert.torch_to_flax(sd[key], kind))
   return params
 
 

@@ -266,15 +266,7 @@ def inception_params_from_torch(state_dict: Mapping[str, Any]) -> dict:
                      "12-05)", ignore=_ignored)
   params: dict = {}
   for key, (_, names, kind) in layout.items():
-    w = convert.to_numpy(sd[key])
-    if kind == "conv":
-      w = w.transpose(2, 3, 1, 0)
-    elif kind == "linear":
-      w = w.T
-    node = params
-    for n in names[:-1]:
-      node = node.setdefault(n, {})
-    node[names[-1]] = np.ascontiguousarray(w, np.float32)
+    convert.set_path(params, names, convert.torch_to_flax(sd[key], kind))
   return params
 
 
