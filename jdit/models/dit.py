@@ -159,7 +159,49 @@ def grid_of(input_size, patch_size) -> tuple[int, int]:
   return h // patch_size, w // patch_size
 
 
-class DiT(nn.Module):
+class ImageBackbone:
+  """What the trainer, samplers and converters rely on in a backbone.
+
+  Mixed into DiT-family modules that have the fields input_size,
+  patch_size, in_channels, num_classes, learn_sigma, class_dropout_prob and
+  remat.
+  """
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * (2 if self.learn_sigma else 1)
+
+  @property
+  def grid_shape(self) -> tuple[int, int]:
+    return grid_of(self.input_size, self.patch_size)
+
+  def check_common(self) -> None:
+    """Validates the fields every backbone shares."""
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat!r}")
+    if not 0 <= self.class_dropout_prob < 1:
+      raise ValueError(f"class_dropout_prob must be in [0, 1), got "
+                       f"{self.class_dropout_prob}")
+
+  def check_input(self, x) -> None:
+    gh, gw = self.grid_shape
+    p = self.patch_size
+    if x.shape[1:] != (gh * p, gw * p, self.in_channels):
+      raise ValueError(f"x must have shape (B, {gh * p}, {gw * p}, "
+                       f"{self.in_channels}), got {x.shape}")
+
+
+def embed_condition(model, width, t, y, train, force_drop_ids):
+  """Timestep + label embedding, (B, width); call from a compact __call__."""
+  kw = dict(dtype=model.dtype, param_dtype=model.param_dtype)
+  c = TimestepEmbedder(width, name="t_embedder", **kw)(t)
+  return c + LabelEmbedder(model.num_classes, width, model.class_dropout_prob,
+                           param_dtype=model.param_dtype, name="y_embedder")(
+                               y, train, force_drop_ids).astype(model.dtype)
+
+
+class DiT(ImageBackbone, nn.Module):
   """Class-conditional diffusion transformer on channels-last inputs.
 
   Call: model.apply({"params": p}, x, t, y, train=False, rngs=...) with x
@@ -186,14 +228,6 @@ class DiT(nn.Module):
   param_dtype: Any = jnp.float32
   remat: str = "none"
 
-  @property
-  def out_channels(self) -> int:
-    return self.in_channels * (2 if self.learn_sigma else 1)
-
-  @property
-  def grid_shape(self) -> tuple[int, int]:
-    return grid_of(self.input_size, self.patch_size)
-
   def validate(self):
     """Checks hyperparameters at construction (build_model calls this)."""
     self.grid_shape  # pylint: disable=pointless-statement
@@ -211,32 +245,20 @@ class DiT(nn.Module):
     except TypeError as e:
       raise ValueError(f"bad mlp_options {options} for mlp {self.mlp!r}: "
                        f"{e}") from e
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
-                       f"{self.remat!r}")
-    if not 0 <= self.class_dropout_prob < 1:
-      raise ValueError(f"class_dropout_prob must be in [0, 1), got "
-                       f"{self.class_dropout_prob}")
+    self.check_common()
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
+    self.check_input(x)
     gh, gw = self.grid_shape
     p = self.patch_size
-    b, h, w, ch = x.shape
-    if (h, w, ch) != (gh * p, gw * p, self.in_channels):
-      raise ValueError(f"x must have shape (B, {gh * p}, {gw * p}, "
-                       f"{self.in_channels}), got {x.shape}")
+    b = x.shape[0]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(self.hidden_size, p, name="x_embedder", **kw)(
         x.astype(self.dtype))
     x = x + sincos_2d(self.hidden_size, gh, gw)[None].astype(self.dtype)
     x = nn.with_logical_constraint(x, ACT)
-    c = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size,
-                          self.class_dropout_prob,
-                          param_dtype=self.param_dtype,
-                          name="y_embedder")(
-                              y, train, force_drop_ids).astype(self.dtype)
+    c = embed_condition(self, self.hidden_size, t, y, train, force_drop_ids)
     block = remat_block(DiTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.mixer,

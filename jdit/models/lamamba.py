@@ -41,10 +41,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jdit.models import mixers
-from jdit.models.dit import (ACT, REMAT_POLICIES, Mlp, adaln_modulation,
-                             grid_of, modulate, remat_block)
-from jdit.models.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                               dense, sincos_2d)
+from jdit.models.dit import (ACT, ImageBackbone, Mlp, adaln_modulation,
+                             embed_condition, modulate, remat_block)
+from jdit.models.embed import PatchEmbed, dense, sincos_2d
 from jdit.models.flops import FREQ_DIM, mixer_macs
 from jdit.models.lamamba_layers import (FinalLayer, PatchExpanding,
                                         PatchMerging, norm)
@@ -102,7 +101,7 @@ class LaMambaBlock(nn.Module):
     return nn.with_logical_constraint(x.astype(self.dtype), ACT)
 
 
-class LaMambaDiff(nn.Module):
+class LaMambaDiff(ImageBackbone, nn.Module):
   """Class-conditional LaMamba-Diff U-Net on channels-last inputs.
 
   Call and outputs as DiT: model.apply({"params": p}, x, t, y, train=False,
@@ -144,14 +143,6 @@ class LaMambaDiff(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
-
-  @property
-  def out_channels(self) -> int:
-    return self.in_channels * (2 if self.learn_sigma else 1)
-
-  @property
-  def grid_shape(self) -> tuple[int, int]:
-    return grid_of(self.input_size, self.patch_size)
 
   @property
   def dims(self) -> tuple[int, ...]:
@@ -222,21 +213,14 @@ class LaMambaDiff(nn.Module):
           raise ValueError(
               f"window_size {window} must divide the stage token grid "
               f"{grid} (windows are min(window_size, grid side))")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got "
-                       f"{self.remat!r}")
-    if not 0 <= self.class_dropout_prob < 1:
-      raise ValueError(f"class_dropout_prob must be in [0, 1), got "
-                       f"{self.class_dropout_prob}")
+    self.check_common()
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
+    self.check_input(x)
     gh, gw = self.grid_shape
     p, dims, grids = self.patch_size, self.dims, self.stage_grids
-    b, h, w, ch = x.shape
-    if (h, w, ch) != (gh * p, gw * p, self.in_channels):
-      raise ValueError(f"x must have shape (B, {gh * p}, {gw * p}, "
-                       f"{self.in_channels}), got {x.shape}")
+    b, h, w, _ = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(dims[0], p, name="x_embedder", **kw)(x.astype(self.dtype))
     x = norm("patch_norm", True, self.param_dtype)(x)
@@ -247,11 +231,7 @@ class LaMambaDiff(nn.Module):
             (None, "embed")), (gh * gw, dims[0]), self.param_dtype)
     x = (x + pos[None]).astype(self.dtype)
     x = nn.with_logical_constraint(x, ACT)
-    cond = dims[-1]
-    c = TimestepEmbedder(cond, name="t_embedder", **kw)(t)
-    c = c + LabelEmbedder(self.num_classes, cond, self.class_dropout_prob,
-                          param_dtype=self.param_dtype, name="y_embedder")(
-                              y, train, force_drop_ids).astype(self.dtype)
+    c = embed_condition(self, dims[-1], t, y, train, force_drop_ids)
     block_cls = remat_block(LaMambaBlock, self.remat)
 
     def block(name, j, grid, project=False):
