@@ -19,11 +19,6 @@ import ml_collections
 from jdit.config_util import sibling_config
 from jdit.models.moe_models import dit_moe_options
 
-# ImageNet 256x256 as SD-VAE latents (32x32x4). The dataset name is the one
-# the data pipeline registers for pre-extracted latents.
-IMAGENET_LATENTS = "imagenet256_latents"
-
-
 def _parse(arg: str | None) -> tuple[str, dict]:
   parts = [p for p in (arg or "digits").split(",") if p]
   variant, kw = "digits", {}
@@ -45,8 +40,8 @@ def _parse(arg: str | None) -> tuple[str, dict]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, kw = _parse(arg)
-  c = sibling_config(__file__, "default")
   if variant == "digits":
+    c = sibling_config(__file__, "default")
     # Fine-grained experts (width D instead of 4D) keep the CPU run close to
     # the dense default's cost: 8 experts, 2 routed per token, 2 shared.
     c.model.name = kw.get("model", "DiT-MoE-S/2-8E2A")
@@ -54,29 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           expert_hidden=c.model.hidden_size)
     return c
 
-  c.batch_size = 256
+  # The DiT ImageNet-256 recipe (configs/dit_imagenet256.py) with a MoE model.
+  c = sibling_config(__file__, "dit_imagenet256",
+                     f"model={kw.get('model', 'DiT-MoE-S/2-8E2A')}")
   c.total_steps = 400_000
-  c.log_every = 100
   c.checkpoint_every = 10_000
-  c.model = ml_collections.ConfigDict()
-  c.model.name = kw.get("model", "DiT-MoE-S/2-8E2A")
-  c.model.input_size = 32
-  c.model.in_channels = 4
-  c.model.num_classes = 1000
-  c.model.learn_sigma = ml_collections.FieldReference(None, field_type=bool)
-  c.model.class_dropout_prob = 0.1
-  c.model.dtype = "bfloat16"
-  c.model.remat = "none"
-  c.data.name = IMAGENET_LATENTS
-  c.data.flip = False  # latents are extracted with their flipped copies
-  c.optim.lr = 1e-4    # DiT / DiT-MoE recipe: AdamW 1e-4, constant
-  c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-  c.ema_decay = 0.9999
   # Every device on the expert axis: the batch is still split over it (data
   # parallel outside the MoE), and 8 experts fit 1, 2, 4 or 8 devices.
   c.mesh = ml_collections.ConfigDict(
       {"data": 1, "fsdp": 1, "tensor": 1, "expert": -1})
-  c.sample.cfg_scale = 1.5
   return c
