@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.models import build_model
-from jdit.models.dit import DiT, grid_of
+from jdit.models.dit import DiT
 from jdit.models.embed import sincos_2d
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -257,7 +257,7 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
              f"{name} with {dict(overrides)}")
 
   d, heads = model.hidden_size, model.num_heads
-  gh, gw = grid_of(model.input_size, model.patch_size)
+  gh, gw = model.grid_shape
   params: dict = {}
   for key, (_, kind, path) in layout.items():
     w = to_numpy(sd[key])
@@ -283,9 +283,7 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
 
   # The layout table mirrors the model; a model change that breaks the
   # correspondence must fail here, not produce silently wrong samples.
-  shapes = abstract_params(model, jnp.zeros((1, gh * model.patch_size,
-                                             gw * model.patch_size,
-                                             model.in_channels)),
+  shapes = abstract_params(model, jnp.zeros((1,) + model.input_shape),
                            jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
   expected = jax.tree_util.tree_structure(shapes)
   got = jax.tree_util.tree_structure(params)

@@ -86,9 +86,7 @@ class Sampler:
     self.decode = decode
     sampler, steps, _ = objective.check_sampler(sampler, steps, options)
     self.sampler, self.steps = sampler, steps
-    h, w = model.grid_shape
-    self.shape = (h * model.patch_size, w * model.patch_size,
-                  model.in_channels)
+    self.shape = model.input_shape
 
     def run(params, key, y):
       noise = jax.random.normal(jax.random.fold_in(key, 0),

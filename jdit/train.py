@@ -118,11 +118,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   model, objective = sampling.model_from_config(config)
   spec = data.get_spec(config.data.name)
   if (spec.num_classes != model.num_classes
-      or spec.shape != sampling_shape(model)):
+      or spec.shape != model.input_shape):
     raise ValueError(
         f"dataset {config.data.name!r} has {spec.num_classes} classes of "
         f"shape {spec.shape}, but the model expects {model.num_classes} "
-        f"classes of shape {sampling_shape(model)} (config.model.*)")
+        f"classes of shape {model.input_shape} (config.model.*)")
   mesh = sharding.create_mesh(config.mesh, devices=devices,
                               dcn=config.get("mesh_dcn"))
   rules = sharding.rules_from_config(config.get("axis_rules"))
@@ -195,11 +195,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     write_sample_grid(config, model, objective, state.ema_params, mesh, workdir,
                       step)
   return last
-
-
-def sampling_shape(model) -> tuple[int, int, int]:
-  h, w = model.grid_shape
-  return (h * model.patch_size, w * model.patch_size, model.in_channels)
 
 
 def _check_finite(loss: float, step: int, mngr) -> None:

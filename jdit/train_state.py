@@ -51,9 +51,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
 
 
 def model_inputs(model: nn.Module, batch_size: int = 1):
-  h, w = model.grid_shape
-  p = model.patch_size
-  return (jnp.zeros((batch_size, h * p, w * p, model.in_channels)),
+  return (jnp.zeros((batch_size,) + model.input_shape),
           jnp.zeros((batch_size,)), jnp.zeros((batch_size,), jnp.int32))
 
 

@@ -175,6 +175,12 @@ class ImageBackbone:
   def grid_shape(self) -> tuple[int, int]:
     return grid_of(self.input_size, self.patch_size)
 
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of one input image (or latent)."""
+    gh, gw = self.grid_shape
+    return (gh * self.patch_size, gw * self.patch_size, self.in_channels)
+
   def check_common(self) -> None:
     """Validates the fields every backbone shares."""
     if self.remat not in REMAT_POLICIES:
@@ -185,11 +191,9 @@ class ImageBackbone:
                        f"{self.class_dropout_prob}")
 
   def check_input(self, x) -> None:
-    gh, gw = self.grid_shape
-    p = self.patch_size
-    if x.shape[1:] != (gh * p, gw * p, self.in_channels):
-      raise ValueError(f"x must have shape (B, {gh * p}, {gw * p}, "
-                       f"{self.in_channels}), got {x.shape}")
+    if x.shape[1:] != self.input_shape:
+      h, w, c = self.input_shape
+      raise ValueError(f"x must have shape (B, {h}, {w}, {c}), got {x.shape}")
 
 
 def embed_condition(model, width, t, y, train, force_drop_ids):

@@ -213,8 +213,8 @@ def test_imagenet_configs_fit_their_datasets(name, arg, side):
       os.path.abspath(__file__))))
   c = load_config(os.path.join(root, "configs", f"{name}.py"), arg)
   model, _ = sampling.model_from_config(c)
-  assert data.get_spec(c.data.name).shape == train_lib.sampling_shape(
-      model) == (side, side, 4)
+  assert data.get_spec(c.data.name).shape == model.input_shape == (
+      side, side, 4)
   assert model.learn_sigma and model.num_classes == 1000
   assert (c.batch_size, c.optim.lr, c.ema_decay) == (256, 1e-4, 0.9999)
   assert c.vae.scale_factor == data.get_spec(c.data.name).to_model.keywords[
