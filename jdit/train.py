@@ -78,15 +78,15 @@ class MetricWriter:
 
 
 def _restore_or_init(mngr, model, tx, mesh, rules, config):
-  state = ts.create_state(model, tx, mesh, rules, config.seed)
   step = mngr.latest_step()
   if step is None:
+    state = ts.create_state(model, tx, mesh, rules, config.seed)
     if distill.init_path(config):  # a fine-tune starts from those weights
       state = distill.init_from(state, distill.init_path(config))
     return state, 0
-  target = {k: jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-      getattr(state, k)) for k in checkpoint.ARRAY_ITEMS}
+  # Resuming: restore straight into the sharded layout, initialising nothing.
+  abstract = ts.abstract_state(model, tx, mesh, rules)
+  target = {k: getattr(abstract, k) for k in checkpoint.ARRAY_ITEMS}
   try:
     out = checkpoint.restore(mngr, step, target)
   except Exception as e:  # orbax raises many types for mismatched trees

@@ -76,6 +76,17 @@ def state_shardings(model: nn.Module, tx, mesh, rules) -> TrainState:
                                       rules)
 
 
+def abstract_state(model: nn.Module, tx, mesh, rules) -> TrainState:
+  """The state's shapes, dtypes and shardings, without computing it (the
+  restore target when resuming)."""
+  boxed = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh,
+                                           rules)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.meta.unbox(boxed), shardings)
+
+
 def create_state(model: nn.Module, tx, mesh, rules, seed: int) -> TrainState:
   """Initialises the state directly sharded (never whole on one device)."""
   init = init_state_fn(model, tx)
