@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -108,7 +109,7 @@ class Sampler:
     y = jax.device_put(jnp.asarray(labels, jnp.int32), bsh)
     with sharding.use_mesh(self.mesh):
       out = self._run(self.params, key, y)
-    return np.asarray(jax.experimental.multihost_utils.process_allgather(
+    return np.asarray(multihost_utils.process_allgather(
         out, tiled=True)) if jax.process_count() > 1 else np.asarray(out)
 
 
