@@ -26,7 +26,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from timing import copy_bandwidth_gbs, time_ms
+from timing import copy_bandwidth_gbs, time_bandwidth
 from pallas_kernels.linear_attention import BlockSizes
 from pallas_kernels.linear_attention import linear_attention
 
@@ -99,17 +99,11 @@ def run(shapes, dtype, iters, bs, impls, copy_gbs, causals):
             rec["block_sizes"] = dict(vars(bs))
             if device.platform == "cpu":
               rec["note"] = "interpret mode (no accelerator): not kernel time"
-          try:
-            ms = time_ms(jax.jit(fn), args, iters)
-          except Exception as e:  # OOM etc.: report and keep going
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(json.dumps(rec), flush=True)
+          ms = time_bandwidth(rec, jax.jit(fn), args, iters, nbytes,
+                              copy_gbs)
+          if ms is None:
             continue
           times[impl] = ms
-          gbs = nbytes / ms / 1e6
-          rec.update(ms=round(ms, 4), roof_bytes=nbytes, gbs=round(gbs, 2),
-                     copy_gbs=round(copy_gbs, 2),
-                     copy_ratio=round(gbs / copy_gbs, 4))
           for base in ("xla", "reference"):
             if impl not in ("xla", "reference") and base in times:
               rec[f"speedup_vs_{base}"] = round(times[base] / ms, 3)

@@ -23,7 +23,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from timing import copy_bandwidth_gbs, time_ms
+from timing import copy_bandwidth_gbs, time_bandwidth
 from pallas_kernels import selective_scan_pallas as ssp
 from pallas_kernels.selective_scan import BlockSizes
 from pallas_kernels.selective_scan import selective_scan
@@ -104,17 +104,10 @@ def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
                                num_stages=cfg.num_stages, unroll=cfg.unroll)
           if device.platform == "cpu":
             rec["note"] = "interpret mode (no accelerator): not kernel time"
-        try:
-          ms = time_ms(jax.jit(f), args, iters)
-        except Exception as e:  # OOM etc.: report and keep going
-          rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-          print(json.dumps(rec), flush=True)
+        ms = time_bandwidth(rec, jax.jit(f), args, iters, nbytes, copy_gbs)
+        if ms is None:
           continue
         times[name] = ms
-        gbs = nbytes / ms / 1e6
-        rec.update(ms=round(ms, 4), roof_bytes=nbytes, gbs=round(gbs, 2),
-                   copy_gbs=round(copy_gbs, 2),
-                   copy_ratio=round(gbs / copy_gbs, 4))
         for base in ("reference", "associative"):
           if base != name and base in times:
             rec[f"speedup_vs_{base}"] = round(times[base] / ms, 3)

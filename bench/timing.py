@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks in bench/."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -26,3 +27,22 @@ def copy_bandwidth_gbs(nbytes: int, iters: int) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   ms = time_ms(jax.jit(lambda x: x + 1), (x,), iters)
   return 2 * nbytes / ms / 1e6
+
+
+def time_bandwidth(rec: dict, fn, args, iters: int, nbytes: int,
+                   copy_gbs: float) -> float | None:
+  """Times fn(*args) into `rec` (ms, roof bytes, GB/s, ratio to copy).
+
+  Returns the time in ms, or None after printing `rec` with the error (an
+  out-of-memory baseline, say) so that the sweep goes on.
+  """
+  try:
+    ms = time_ms(fn, args, iters)
+  except Exception as e:  # pylint: disable=broad-except
+    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps(rec), flush=True)
+    return None
+  gbs = nbytes / ms / 1e6
+  rec.update(ms=round(ms, 4), roof_bytes=nbytes, gbs=round(gbs, 2),
+             copy_gbs=round(copy_gbs, 2), copy_ratio=round(gbs / copy_gbs, 4))
+  return ms
