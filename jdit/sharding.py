@@ -154,6 +154,47 @@ def maybe_initialize_distributed() -> None:
         raise
 
 
+def context_mesh():
+  """The mesh set by `jax.set_mesh` (or a legacy `with mesh:`), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh
+  try:  # `with mesh:` (deprecated) does not set the abstract mesh.
+    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    physical = mesh_lib.thread_resources.env.physical_mesh
+    return None if physical.empty else physical
+  except (ImportError, AttributeError):
+    return None
+
+
+def axis_size(mesh, name: str) -> int:
+  """Size of mesh axis `name`; 1 without a mesh or without that axis."""
+  return int(mesh.shape[name]) if mesh is not None and name in (
+      mesh.axis_names) else 1
+
+
+def is_explicit(mesh) -> bool:
+  """Whether `mesh` has Explicit axes (jax.make_mesh's default)."""
+  return any(t == jax.sharding.AxisType.Explicit
+             for t in getattr(mesh, "axis_types", ()))
+
+
+def shard_map_call(fn, args: tuple, in_specs: tuple, out_specs, mesh,
+                   check_vma: bool = True):
+  """fn(*args) under jax.shard_map, on Auto- and Explicit-axis meshes.
+
+  check_vma=False is for bodies without collectives whose primitives carry
+  no varying-axes rules (pallas_call outputs).
+  """
+  if is_explicit(mesh):
+    # Explicit-axis meshes (jax.make_mesh's default) do not reshard at the
+    # shard_map boundary by themselves.
+    args = jax.tree.map(jax.sharding.reshard, args, in_specs,
+                        is_leaf=lambda a: isinstance(a, P))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                       out_specs=out_specs, check_vma=check_vma)(*args)
+
+
 class use_mesh:  # pylint: disable=invalid-name
   """Context: `mesh` is the current mesh and `rules` the logical axis rules.
 

@@ -1,4 +1,4 @@
-"""Sparse-attention token mixers: local, window, proxy and kv_compress.
+"""Sparse-attention token mixers: local, window and kv_compress.
 
 Each class is registered in the mixer registry (jdit/models/mixers.py) and has
 the common signature `Mixer(num_heads=, dtype=, param_dtype=, **options)(x, *,
@@ -9,14 +9,12 @@ in row-major order over a 2D (H, W) or 3D (T, H, W) grid.
                circle (or square) of radius `window` on the token grid.
   window       Swin-style partitioned windows (DiT-3D, PT-DiT), optionally
                with masked shifted windows.
-  proxy        PT-DiT / Qihoo-T2X (Wang et al. 2024): averaged proxy tokens
-               attend globally, all tokens cross-attend to the proxies, and
-               window attention adds detail.
   kv_compress  PixArt-Sigma (Chen et al. 2024): keys and values downsampled
                by a strided depthwise conv before dense attention.
 
 Every mixer may also define `macs(grid_shape, dim)`, its multiply-adds per
-image, which jdit.models.flops uses for the analytic FLOP count.
+image, which jdit.models.flops uses for the analytic FLOP count. The PT-DiT
+proxy mixer, which reuses the window helpers here, is in proxy_mixer.py.
 """
 from __future__ import annotations
 
@@ -27,10 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pallas_kernels
 
-from jdit.models.mixers import (Projection, attention, out_projection,
-                                qkv_projection, register_mixer)
+from jdit.models import kernel_sharding
+from jdit.models.mixers import (attention, out_projection, qkv_projection,
+                                register_mixer)
 
 
 def _per_axis(value, grid_shape, what: str) -> tuple[int, ...]:
@@ -51,12 +49,8 @@ def _check_divides(size, grid_shape, what: str) -> None:
 
 
 def _kernel(name: str):
-  """A pallas_kernels entry point, looked up when the mixer is called."""
-  fn = getattr(pallas_kernels, name, None)
-  if fn is None:
-    raise NotImplementedError(f"pallas_kernels.{name} is not available in "
-                              f"this checkout")
-  return fn
+  """A pallas_kernels entry point, sharded over the context mesh if any."""
+  return kernel_sharding.kernel(name)
 
 
 def _partition(x, grid_shape, window):
@@ -263,87 +257,6 @@ class WindowAttention(nn.Module):
     window = _per_axis(self.window, grid_shape, "window")
     length = math.prod(grid_shape)
     return 4 * length * dim * dim + 2 * length * math.prod(window) * dim
-
-
-def _head_projection(x, parts, num_heads, *, dtype, param_dtype, name):
-  """(B, L, D) -> (B, L, parts, heads, head_dim), like qkv_projection."""
-  d = x.shape[-1]
-  return Projection((d,), (parts, num_heads, d // num_heads),
-                    ("embed", None, "heads", "kv"), dtype=dtype,
-                    param_dtype=param_dtype, name=name)(x)
-
-
-def _pool(x, grid_shape, window):
-  """Average-pools (B, L, D) tokens over windows: (B, num_windows, D)."""
-  b = x.shape[0]
-  w = _partition(x, grid_shape, window)
-  return w.mean(axis=1).reshape(b, -1, x.shape[-1])
-
-
-@register_mixer("proxy")
-class ProxyAttention(nn.Module):
-  """PT-DiT proxy-tokenized attention (GIIM + TCM of Qihoo-T2X).
-
-  Global Information Interaction Module: one proxy token per `proxy_window`
-  window (the window average, as in the paper's final version), multi-head
-  self-attention among the proxies, then every token cross-attends to the
-  attended proxies. Texture Complement Module: window attention in windows of
-  `window` tokens (half the heads shifted by `shift`, see `window` mixer).
-
-  The paper adds GIIM and TCM with separate residuals: y = x + GIIM(x),
-  out = y + TCM(y). Inside a DiT block the mixer output h is added once,
-  gated by adaLN, so we return h = GIIM(x) + TCM(x + GIIM(x)); with gate 1
-  this is the paper's two residual steps (our choice: one shared gate).
-
-  Attributes:
-    proxy_window: tokens per proxy per axis; the paper's compression ratio
-      (1, 2, 2) for 256px images, i.e. 2 on a 2D grid.
-    window: window size of the TCM window attention.
-    shift: cyclic shift of the TCM's shifted heads (0 disables).
-  """
-  num_heads: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  proxy_window: int | Sequence[int] = 2
-  window: int | Sequence[int] = 8
-  shift: int | Sequence[int] = 0
-
-  @nn.compact
-  def __call__(self, x, *, grid_shape, deterministic=True):
-    del deterministic
-    grid_shape = tuple(grid_shape)
-    pwin = _per_axis(self.proxy_window, grid_shape, "proxy_window")
-    _check_divides(pwin, grid_shape, "proxy_window")
-    window, shift = _window_and_shift(self.window, self.shift, grid_shape)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    heads = self.num_heads
-    # GIIM: proxies attend to each other, then tokens read from them.
-    proxies = _pool(x, grid_shape, pwin)
-    pq, pk, pv = qkv_projection(proxies, heads, name="proxy_qkv", **kw)
-    proxies = out_projection(attention(pq, pk, pv),
-                             name="proxy_proj", **kw)
-    q = _head_projection(x, 1, heads, name="cross_q", **kw)[:, :, 0]
-    kv = _head_projection(proxies, 2, heads, name="cross_kv", **kw)
-    ck, cv = kv[:, :, 0], kv[:, :, 1]
-    g = out_projection(attention(q, ck, cv),
-                       name="cross_proj", **kw)
-    # TCM on the GIIM-updated tokens.
-    y = x + g
-    wq, wk, wv = qkv_projection(y, heads, name="qkv", **kw)
-    t = out_projection(
-        _shifted_window_attention(wq, wk, wv, grid_shape, window, shift),
-        name="proj", **kw)
-    return g + t
-
-  def macs(self, grid_shape, dim):
-    length = math.prod(grid_shape)
-    pwin = _per_axis(self.proxy_window, grid_shape, "proxy_window")
-    window = _per_axis(self.window, grid_shape, "window")
-    m = length // math.prod(pwin)
-    proxy = 4 * m * dim * dim + 2 * m * m * dim
-    cross = 2 * length * dim * dim + 2 * m * dim * dim + 2 * length * m * dim
-    tcm = 4 * length * dim * dim + 2 * length * math.prod(window) * dim
-    return proxy + cross + tcm
 
 
 @register_mixer("kv_compress")

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jdit import sharding
 from jdit.models.dit import register_feedforward
 from jdit.models.embed import dense
 # Re-exported: the routing math is part of this module's API.
@@ -50,30 +51,10 @@ DISPATCH_MODES = ("auto", "dense", "shard_map")
 EXPERT_ACTS = ("gelu", "swiglu")
 ROUTER_INPUTS = ("tokens", "tokens+c")
 EXPERT_AXIS = "expert"
-# Mesh axes the token batch is split over inside the expert shard_map.
-BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)
 TENSOR_AXIS = "tensor"
 # Names of the stacked (per-expert) parameters.
 ROUTED_PARAMS = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias",
                  "gate_kernel", "up_kernel", "down_kernel")
-
-
-def context_mesh():
-  """The mesh set by `jax.set_mesh` (or a legacy `with mesh:`), else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty:
-    return mesh
-  try:  # `with mesh:` (deprecated) does not set the abstract mesh.
-    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    physical = mesh_lib.thread_resources.env.physical_mesh
-    return None if physical.empty else physical
-  except (ImportError, AttributeError):
-    return None
-
-
-def _axis_size(mesh, name: str) -> int:
-  return int(mesh.shape[name]) if mesh is not None and name in (
-      mesh.axis_names) else 1
 
 
 def expert_ffn(params: dict, x: jax.Array, act: str, dtype,
@@ -124,11 +105,12 @@ def _param_spec(name: str, ndim: int, tensor: str | None) -> P:
 
 def _moe_shard_map(params, x, dispatch, combine, act, dtype, mesh):
   """Expert-parallel dispatch/combine with all-to-all over `expert`."""
-  n_expert = _axis_size(mesh, EXPERT_AXIS)
-  batch_axes = tuple(a for a in BATCH_AXES if _axis_size(mesh, a) > 1)
-  n_batch = int(np.prod([_axis_size(mesh, a) for a in batch_axes]))
+  n_expert = sharding.axis_size(mesh, EXPERT_AXIS)
+  batch_axes = tuple(a for a in sharding.BATCH_AXES
+                     if sharding.axis_size(mesh, a) > 1)
+  n_batch = int(np.prod([sharding.axis_size(mesh, a) for a in batch_axes]))
   hidden = params["fc1_kernel" if act == "gelu" else "up_kernel"].shape[-1]
-  t_size = _axis_size(mesh, TENSOR_AXIS)
+  t_size = sharding.axis_size(mesh, TENSOR_AXIS)
   tensor = TENSOR_AXIS if t_size > 1 and hidden % t_size == 0 else None
   # Groups are independent, so padding the batch to a multiple of the
   # shard count (e.g. a batch of 1 at init) changes nothing for real ones.
@@ -152,18 +134,10 @@ def _moe_shard_map(params, x, dispatch, combine, act, dtype, mesh):
       y = jax.lax.all_to_all(y, EXPERT_AXIS, 1, 0, tiled=True)
     return jnp.einsum("gsec,egcd->gsd", combine.astype(y.dtype), y)
 
-  args = (params, x, dispatch, combine)
   specs = (pspecs, bspec, bspec, bspec)
-  explicit = any(t == jax.sharding.AxisType.Explicit
-                 for t in getattr(mesh, "axis_types", ()))
-  if explicit:
-    # Explicit-axis meshes (jax.make_mesh's default) do not reshard at the
-    # shard_map boundary by themselves.
-    args = jax.tree.map(jax.sharding.reshard, args, specs,
-                        is_leaf=lambda a: isinstance(a, P))
-  out = jax.shard_map(local, mesh=mesh,
-                      in_specs=specs, out_specs=bspec)(*args)
-  if pad and explicit:  # explicit shardings cannot slice a split dim
+  out = sharding.shard_map_call(local, (params, x, dispatch, combine), specs,
+                                bspec, mesh)
+  if pad and sharding.is_explicit(mesh):  # explicit shardings cannot slice a split dim
     out = jax.sharding.reshard(out, P())
   return out[:b] if pad else out
 
@@ -287,8 +261,8 @@ class MoE(nn.Module):
     e, k = self.num_experts, self.top_k
     # Checked before any parameter exists: creating a sharded expert
     # parameter would fail first, with a less helpful message.
-    mesh = context_mesh()
-    n_expert = _axis_size(mesh, EXPERT_AXIS)
+    mesh = sharding.context_mesh()
+    n_expert = sharding.axis_size(mesh, EXPERT_AXIS)
     use_shard_map = self.dispatch == "shard_map" or (
         self.dispatch == "auto" and n_expert > 1)
     if use_shard_map and mesh is None:

@@ -1,0 +1,112 @@
+"""Pallas kernels under a mesh run per shard (jdit.models.kernel_sharding).
+
+XLA cannot partition a Triton or Mosaic custom call, so without shard_map a
+sharded jit would hand every device the global batch. These tests lower the
+mixers' forward and backward for CUDA from the 8 fake CPU devices and read
+the operand shapes of every Triton call; and they check that the sharded
+Pallas path (interpret mode) computes what the unsharded one does.
+"""
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jdit import sharding
+from jdit.models import kernel_sharding
+from jdit.models.mixers import get_mixer
+
+TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+GRID = (8, 8)
+DIM, HEADS, BATCH = 64, 4, 8
+OPTIONS = {"local": {"window": 2}, "linear": {"conv_kernel": 0},
+           "mamba": {"state": 4}}
+CALL = re.compile(r"custom_call @__gpu\$xla\.gpu\.triton.*?\}\s*:\s*\((.*?)\)"
+                  r"\s*->", re.S)
+TENSOR = re.compile(r"tensor<((?:\d+x)+)[a-z0-9]+>")
+
+
+def _mixer(name, impl="auto"):
+  return get_mixer(name)(num_heads=HEADS, dtype=jnp.bfloat16, impl=impl,
+                         **OPTIONS[name])
+
+
+def _loss_and_grad(mixer):
+  def loss(params, x):
+    y = mixer.apply(params, x, grid_shape=GRID)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def _triton_operand_elements(name, mesh_sizes, devices=8):
+  """Elements of the Triton calls' activation operands (CUDA lowering)."""
+  mixer = _mixer(name)
+  x = jnp.zeros((BATCH, math.prod(GRID), DIM), jnp.bfloat16)
+  params = nn.unbox(mixer.init(jax.random.PRNGKey(0), x, grid_shape=GRID))
+  mesh = sharding.create_mesh(mesh_sizes, jax.devices()[:devices])
+  with sharding.use_mesh(mesh):
+    f = jax.jit(_loss_and_grad(mixer),
+                in_shardings=(NamedSharding(mesh, P()),
+                              sharding.batch_sharding(mesh)))
+    text = export.export(f, platforms=("cuda",), disabled_checks=[TRITON])(
+        params, x).mlir_module()
+  calls = CALL.findall(text)
+  assert calls, f"no Triton call in the {name} lowering"
+  total = 0
+  for operands in calls:
+    for dims in TENSOR.findall(operands):
+      shape = [int(d) for d in dims.rstrip("x").split("x")]
+      if len(shape) >= 3:  # activations; not the kernels' small tables
+        total += math.prod(shape)
+  return total
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_kernels_lower_per_shard(name):
+  whole = _triton_operand_elements(name, {}, devices=1)
+  data = _triton_operand_elements(name, {"data": 8})
+  both = _triton_operand_elements(name, {"data": 4, "tensor": 2})
+  # Data parallel: each kernel sees 1/8 of the batch; tokens and channels
+  # are padded the same way, so the operands shrink exactly 8-fold.
+  assert data * 8 == whole
+  # Data x tensor: batch / 4 and heads (or Mamba channels) / 2. Channel
+  # padding to the kernel's tile may round a halved channel count up.
+  assert both * 8 <= whole * 1.25, (both, whole)
+  assert both * 4 <= whole
+
+
+@pytest.mark.parametrize("name", ["local", "mamba"])
+def test_sharded_pallas_matches_unsharded(name):
+  """The interpret-mode kernels under (data 4, tensor 2) equal 1 device."""
+  mixer = get_mixer(name)(num_heads=HEADS, impl="pallas", **OPTIONS[name])
+  x = jax.random.normal(jax.random.PRNGKey(0),
+                        (BATCH, math.prod(GRID), DIM))
+  params = nn.unbox(mixer.init(jax.random.PRNGKey(1), x, grid_shape=GRID))
+  grad = jax.jit(_loss_and_grad(mixer))
+  expected = grad(params, x)
+  mesh = sharding.create_mesh({"data": 4, "tensor": 2}, jax.devices()[:8])
+  with sharding.use_mesh(mesh):
+    got = grad(params, jax.device_put(x, sharding.batch_sharding(mesh)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4), got, expected)
+
+
+def test_axes_that_do_not_divide_are_dropped():
+  mesh = sharding.create_mesh({"data": 4, "tensor": 2}, jax.devices()[:8])
+  with sharding.use_mesh(mesh):
+    spec = kernel_sharding._fit(("act_batch", None, "heads", None),
+                                (6, 64, 3, 16), mesh)
+    assert spec == P(None, None, None, None)
+    spec = kernel_sharding._fit(("act_batch", None, "heads", None),
+                                (8, 64, 4, 16), mesh)
+    assert spec == P("data", None, "tensor", None)
+
+
+def test_unknown_kernel_is_rejected():
+  with pytest.raises(ValueError, match="no sharding layout"):
+    kernel_sharding.kernel("local_attention_reference")
