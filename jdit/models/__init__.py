@@ -5,7 +5,8 @@ from jdit.models import dit  # registers the DiT family
 
 __all__ = ["MIXERS", "MODELS", "build_model", "register_mixer",
            "register_model"]
-from jdit.models import local_mixers  # registers local/window/proxy/kv_compress
+from jdit.models import local_mixers  # registers local/window/kv_compress
+from jdit.models import proxy_mixer  # registers proxy (PT-DiT)
 from jdit.models import ssm_mixers  # registers linear and mamba
 from jdit.models import families  # registers DiT-*-local, DiM-*, PT-DiT, ...
 from jdit.models import moe, moe_models  # registers "moe" and DiT-MoE-*

@@ -71,13 +71,15 @@ class Projection(nn.Module):
   tensor parallelism can shard heads. (nn.DenseGeneral builds its kernel flat
   and reshapes it, which drops per-axis sharding names.) `fan_in`/`fan_out`
   give the xavier-uniform fans of the equivalent 2D matrix, matching DiT's
-  initialisation of the fused Linear.
+  initialisation of the fused Linear; `kernel_init` replaces it (e.g. zeros
+  for a branch that must start switched off).
   """
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   kernel_axes: tuple
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -89,7 +91,8 @@ class Projection(nn.Module):
       return jax.random.uniform(key, shape, dtype, -limit, limit)
 
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+        "kernel", nn.with_logical_partitioning(self.kernel_init or init,
+                                               self.kernel_axes),
         self.in_shape + self.out_shape, self.param_dtype)
     bias = self.param(
         "bias", nn.with_logical_partitioning(
@@ -115,12 +118,13 @@ def qkv_projection(x, num_heads, *, dtype, param_dtype, name="qkv"):
   return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def out_projection(o, *, dtype, param_dtype, name="proj"):
+def out_projection(o, *, dtype, param_dtype, name="proj", kernel_init=None):
   """(B, L, heads, head_dim) -> (B, L, D)."""
   heads, head_dim = o.shape[-2:]
   return Projection((heads, head_dim), (heads * head_dim,),
                     ("heads", "kv", "embed"), dtype=dtype,
-                    param_dtype=param_dtype, name=name)(o)
+                    param_dtype=param_dtype, kernel_init=kernel_init,
+                    name=name)(o)
 
 
 def attention(q, k, v, mask=None):
