@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pallas_kernels
 
+from jdit.models import kernel_sharding
 from jdit.models.mixers import (attention, out_projection, qkv_projection,
                                 register_mixer)
 
@@ -49,12 +49,8 @@ def _check_divides(size, grid_shape, what: str) -> None:
 
 
 def _kernel(name: str):
-  """A pallas_kernels entry point, looked up when the mixer is called."""
-  fn = getattr(pallas_kernels, name, None)
-  if fn is None:
-    raise NotImplementedError(f"pallas_kernels.{name} is not available in "
-                              f"this checkout")
-  return fn
+  """A pallas_kernels entry point, sharded over the context mesh if any."""
+  return kernel_sharding.kernel(name)
 
 
 def _partition(x, grid_shape, window):
