@@ -12,7 +12,9 @@ and reads XLA's cost analysis, which counts every op (so it sits above the
 analytic count by the elementwise work) and counts a loop body once (so it
 undercounts lax.scan, e.g. the reference selective scan).
 
-CLI: python -m jdit.models.flops --models DiT-XL/2,DiT-XL/2-local [--xla]
+CLI (the table in docs/benchmarks.md, "FLOPs per image"):
+  python -m jdit.models.flops --models DiT-XL/2,DiT-XL/2-local \
+      --input_sizes 32,64,128 --xla [--baseline DiT-XL/2] [--markdown]
 """
 from __future__ import annotations
 
@@ -32,7 +34,33 @@ DIT_PAPER_GMACS = {
     "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
     "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
 }
+# Other papers' GFLOPs (multiply-adds, as DiT's), (model, input_size) ->
+# (GMACs, source). The Qihoo-T2X figures are for its text-to-image models:
+# they include a T5 text cross-attention (120 tokens) that our
+# class-conditional PT-DiTs do not have. Its DiT/B figures are DiT-B/2's.
+PAPER_GMACS = {
+    ("DiT-XL/2", 64): (524.6, "DiT Table 3"),
+    ("DiT-B/2", 64): (106.1, "Qihoo-T2X Fig. 8"),
+    ("DiT-B/2", 128): (650.5, "Qihoo-T2X Fig. 8"),
+    ("PT-DiT-B/2", 128): (334.2, "Qihoo-T2X Fig. 8, T2I"),
+    ("PT-DiT-L/2", 32): (101.7, "Qihoo-T2X Fig. 2, T2I"),
+    ("PT-DiT-L/2", 64): (366.1, "Qihoo-T2X Fig. 2, T2I"),
+    ("PT-DiT-L/2", 128): (1423.9, "Qihoo-T2X Fig. 2, T2I"),
+    ("PT-DiT-L/2", 256): (5664.9, "Qihoo-T2X Fig. 2, T2I"),
+    ("PT-DiT-H/2", 32): (302.1, "Qihoo-T2X Fig. 8, T2I"),
+    ("PT-DiT-H/2", 64): (1089.1, "Qihoo-T2X Fig. 8, T2I"),
+    ("PT-DiT-H/2", 128): (4236.9, "Qihoo-T2X Fig. 8, T2I"),
+    ("PT-DiT-H/2", 256): (16828.3, "Qihoo-T2X Fig. 8, T2I"),
+}
 FREQ_DIM = 256  # timestep frequency embedding width (DiT)
+
+
+def paper_gmacs(name: str, input_size: int) -> float | None:
+  """A paper's GFLOPs (multiply-adds) for `name` at `input_size`, if any."""
+  if input_size == 32 and name in DIT_PAPER_GMACS:
+    return DIT_PAPER_GMACS[name]
+  entry = PAPER_GMACS.get((name, input_size))
+  return entry[0] if entry else None
 
 
 def mixer_macs(name: str, options, num_heads: int, grid_shape, dim: int):
@@ -71,6 +99,19 @@ def model_macs(model) -> float:
   return embed + temb + model.depth * block + final
 
 
+def text_cross_attention_macs(model, text_tokens: int) -> float:
+  """Multiply-adds a PixArt-style text cross-attention would add per image.
+
+  Queries and output projection on the image tokens, keys and values on
+  `text_tokens` text tokens, in every block: what the text-to-image models
+  of papers such as Qihoo-T2X carry and our class-conditional models lack.
+  """
+  d, length = model.hidden_size, math.prod(model.grid_shape)
+  per_block = (2 * length * d * d + 2 * text_tokens * d * d
+               + 2 * length * text_tokens * d)
+  return model.depth * per_block
+
+
 def flops(name: str, input_size=32, **overrides) -> float:
   """Forward FLOPs per image (a multiply-add counts 2), analytic.
 
@@ -99,26 +140,68 @@ def xla_flops(name: str, input_size=32, **overrides) -> float:
   return float(cost["flops"])
 
 
+def _table_rows(args):
+  """One row per (model, input size): the analytic, XLA and paper counts."""
+  sizes = [int(v) for v in args.input_sizes.split(",")]
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  for size in sizes:
+    base = flops(args.baseline, size)
+    for name in names:
+      model = build_model(name, input_size=size)
+      ours = 2.0 * model_macs(model)
+      if args.text_tokens:
+        ours += 2.0 * text_cross_attention_macs(model, args.text_tokens)
+      tokens = math.prod(model.grid_shape)
+      xla = (xla_flops(name, size) if args.xla and (
+          not args.xla_max_tokens or tokens <= args.xla_max_tokens) else None)
+      paper = paper_gmacs(name, size)
+      yield dict(model=name, px=8 * size, tokens=tokens, ours=ours / 1e9,
+                 xla=None if xla is None else xla / 1e9,
+                 paper=None if paper is None else 2 * paper,
+                 ratio=base / ours)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2",
                       help="comma-separated registered model names")
-  parser.add_argument("--input_size", type=int, default=32,
-                      help="latent side (32 = 256px through the SD-VAE)")
+  parser.add_argument("--input_sizes", "--input_size", default="32",
+                      help="comma-separated latent sides (32 = 256px "
+                           "through the SD-VAE)")
   parser.add_argument("--xla", action="store_true",
                       help="also compile each model and read XLA's count")
+  parser.add_argument("--xla_max_tokens", type=int, default=0,
+                      help="skip XLA's count above this many tokens (0: "
+                           "never skip)")
+  parser.add_argument("--baseline", default="DiT-XL/2",
+                      help="model of the last column, baseline/model FLOPs "
+                           "at the same input size")
+  parser.add_argument("--text_tokens", type=int, default=0,
+                      help="add a text cross-attention to this many tokens "
+                           "to the analytic count (to compare with "
+                           "text-to-image papers; XLA does not see it)")
+  parser.add_argument("--markdown", action="store_true",
+                      help="print a Markdown table")
   args = parser.parse_args(argv)
-  print(f"{'model':<22}{'analytic GFLOPs':>17}{'XLA GFLOPs':>12}"
-        f"{'paper GFLOPs':>14}{'ratio':>7}")
-  for name in args.models.split(","):
-    name = name.strip()
-    ours = flops(name, args.input_size) / 1e9
-    xla = (f"{xla_flops(name, args.input_size) / 1e9:12.2f}" if args.xla
-           else f"{'-':>12}")
-    paper = DIT_PAPER_GMACS.get(name) if args.input_size == 32 else None
-    ref = (f"{2 * paper:14.2f}{ours / (2 * paper):7.3f}" if paper
-           else f"{'-':>14}{'':>7}")
-    print(f"{name:<22}{ours:17.2f}{xla}{ref}")
+  head = ["model", "px", "tokens", "analytic GFLOPs", "XLA GFLOPs",
+          "paper GFLOPs", "ours/paper", f"{args.baseline}/model"]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  if args.markdown:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+  else:
+    print(f"{head[0]:<22}{head[1]:>6}{head[2]:>8}" + "".join(
+        f"{h:>17}" for h in head[3:]))
+  for r in _table_rows(args):
+    cells = [r["model"], str(r["px"]), str(r["tokens"]), fmt(r["ours"], ".2f"),
+             fmt(r["xla"], ".2f"), fmt(r["paper"], ".2f"),
+             fmt(r["paper"] and r["ours"] / r["paper"], ".3f"),
+             fmt(r["ratio"], ".2f")]
+    if args.markdown:
+      print("| " + " | ".join(cells) + " |")
+    else:
+      print(f"{cells[0]:<22}{cells[1]:>6}{cells[2]:>8}" + "".join(
+          f"{c:>17}" for c in cells[3:]))
 
 
 if __name__ == "__main__":

@@ -75,9 +75,45 @@ def test_dit_sizes_follow_the_paper():
 
 def test_flops_cli_prints_paper_column(capsys):
   from jdit.models.flops import main
-  main(["--models", "DiT-XL/2,DiT-XL/2-local"])
+  main(["--models", "DiT-XL/2,DiT-XL/2-local", "--input_sizes", "32,64"])
   out = capsys.readouterr().out.splitlines()
-  assert "paper GFLOPs" in out[0]
+  assert "paper GFLOPs" in out[0] and "DiT-XL/2/model" in out[0]
+  # model, px, tokens, analytic, XLA, paper, ours/paper, DiT-XL/2/model
   xl = out[1].split()
-  assert xl[0] == "DiT-XL/2" and xl[3] == "237.28"
+  assert xl[:3] == ["DiT-XL/2", "256", "256"] and xl[5] == "237.28"
+  assert xl[7] == "1.00"
   assert out[2].split()[0] == "DiT-XL/2-local"
+  assert out[3].split()[:3] == ["DiT-XL/2", "512", "1024"]
+  assert out[3].split()[5] == "1049.20"  # the DiT paper's 524.6 Gflops
+
+
+def test_flops_cli_markdown(capsys):
+  from jdit.models.flops import main
+  main(["--models", "DiT-S/2", "--markdown", "--baseline", "DiT-S/2"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("| model | px | tokens |") and out[1][:4] == "|---"
+  assert out[2].split("|")[1].strip() == "DiT-S/2"
+
+
+# Qihoo-T2X's GFLOPs (multiply-adds) of its text-to-image PT-DiTs (Fig. 2,
+# Fig. 8): our class-conditional PT-DiT plus a text cross-attention to its 120
+# T5 tokens must reproduce them. That pins down the proxy grid (8x8 at every
+# resolution) and one projection's worth of window attention per block.
+@pytest.mark.parametrize("name,size", [("PT-DiT-L/2", 32), ("PT-DiT-L/2", 128),
+                                       ("PT-DiT-H/2", 64),
+                                       ("PT-DiT-B/2", 128)])
+def test_pt_dit_matches_qihoo_t2x_figures(name, size):
+  from jdit.models.flops import (model_macs, paper_gmacs,
+                                 text_cross_attention_macs)
+  model = models.build_model(name, input_size=size)
+  ours = model_macs(model) + text_cross_attention_macs(model, 120)
+  assert ours / 1e9 == pytest.approx(paper_gmacs(name, size), rel=0.03)
+
+
+def test_pt_dit_saves_only_from_4096_tokens_at_equal_width():
+  # At DiT-XL/2's width PT-DiT's extra projections (cross-attention query and
+  # output on every token) outweigh the attention it saves below ~1000
+  # tokens; the paper's savings are at equal parameter count.
+  ratio = [models.flops("DiT-XL/2", s) / models.flops("PT-DiT-XL/2", s)
+           for s in (32, 64, 128)]
+  assert ratio[0] < 0.85 and 0.9 < ratio[1] < 1.0 and ratio[2] > 1.3
