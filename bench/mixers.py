@@ -35,7 +35,7 @@ FAMILIES = {
     "window": {"window": 8, "shift": 4},
     "linear": {"feature_map": "relu", "conv_kernel": 3},
     "mamba": {"scan_order": "zigzag"},
-    "proxy": {"proxy_window": 2, "window": 8, "shift": 4},
+    "proxy": {"proxy_grid": 8},  # PT-DiT: 8x8 proxies at every resolution
     "kv_compress": {"ratio": 2},
 }
 KERNEL_MIXERS = ("local", "linear", "mamba")  # take impl=
@@ -48,6 +48,8 @@ def _options(mixer, grid_side, impl):
       opts[key] = min(opts[key], grid_side)
       if "shift" in opts:
         opts["shift"] = opts[key] // 2
+  if mixer == "proxy":  # fewer proxies only where the grid is smaller
+    opts["proxy_grid"] = min(opts["proxy_grid"], grid_side)
   if mixer in KERNEL_MIXERS:
     opts["impl"] = impl
   return opts
