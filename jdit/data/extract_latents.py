@@ -5,11 +5,14 @@
       --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256
   python -m jdit.data.extract_latents --source imagenet2012 \\
       --data_dir ~/tensorflow_datasets --image_size 256 \\
-      --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256   # needs TF
+      --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256
 
-Images get ADM's centre crop (jdit.data.imagenet); with --flip both (the
-default, as fast-DiT does) each image is stored twice, as example 2i and its
-horizontal mirror as example 2i + 1, so training needs no flips of its own.
+Neither source needs TensorFlow; a TFDS one must be prepared as ArrayRecord
+(jdit.data.prepare_imagenet builds imagenet2012 so from the ILSVRC2012
+tars). Images get ADM's centre crop (jdit.data.imagenet); with --flip both
+(the default, as fast-DiT does) each image is stored twice, as example 2i and
+its horizontal mirror as example 2i + 1, so training needs no flips of its
+own.
 Each example holds the posterior's mean and std (jdit.data.latents), and
 latent_stats.json beside the dataset records per-channel statistics.
 
@@ -46,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__.split("\n\n")[0])
   p.add_argument("--source", required=True,
                  help="'folder' (root/<class>/*.JPEG) or a TFDS image "
-                 "dataset name such as imagenet2012 (needs tensorflow-cpu)")
+                 "dataset name such as imagenet2012 (prepared as ArrayRecord)")
   p.add_argument("--data_dir", default="", help="TFDS data dir (TFDS source)")
   p.add_argument("--folder", default="", help="image folder root (folder)")
   p.add_argument("--split", default="train")
@@ -167,7 +170,7 @@ def extract(args: argparse.Namespace) -> dict:
                      f"multiple of the VAE's downsampling factor {f}")
   source = imagenet.open_source(
       args.source, data_dir=args.data_dir, folder=args.folder,
-      split=args.split, process_index=host, process_count=hosts)
+      split=args.split, image_size=args.image_size, workers=args.workers)
   side = args.image_size // f
   shape = (side, side, module.latent_channels)
   feats = latents.features(shape, source.classes, np.dtype(args.dtype))
@@ -195,11 +198,11 @@ def extract(args: argparse.Namespace) -> dict:
                     "label": int(labels[i // copies])})
 
   import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm.tqdm(total=len(source), unit="img", disable=host != 0,
-                  desc=f"encode {args.image_size}px")
-  for images, labels in _prefetch(source.batches(step // copies,
-                                                 args.image_size,
-                                                 args.workers)):
+  part = imagenet.host_slice(len(source), host, hosts)
+  bar = tqdm.tqdm(total=part.stop - part.start, unit="img",
+                  disable=host != 0, desc=f"encode {args.image_size}px")
+  for images, labels in _prefetch(source.batches(step // copies, host,
+                                                 hosts)):
     rows = images
     if copies == 2:  # example 2i is image i, 2i + 1 its mirror
       rows = np.stack([images, imagenet.hflip(images)], 1).reshape(
@@ -257,7 +260,7 @@ def _finalize(args, tmp, out, feats, hosts, shape, scale, source) -> dict:
   stats = {
       "source": args.source, "folder": args.folder, "split": args.split,
       "image_size": args.image_size, "latent_shape": list(shape),
-      "num_examples": total, "num_images": source.total,
+      "num_examples": total, "num_images": len(source),
       "flip": args.flip, "num_classes": source.num_classes,
       "vae": args.vae, "scale_factor": float(scale), "dtype": args.dtype,
       # Statistics of z = mean + std * eps, unscaled, over all examples and

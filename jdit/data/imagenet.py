@@ -1,17 +1,25 @@
-"""ImageNet images for latent extraction: ADM centre crops, flips, readers.
+"""ImageNet images: ADM centre crops from a class folder or from TFDS.
 
-Two sources of (image, label) pairs, both read in a fixed order and split into
-contiguous per-host shards (host h of P reads the h-th of P near-equal
-slices), so concatenating the hosts' outputs in host order gives the whole
-dataset in its canonical order:
+Two random-access sources of examples {"image": (s, s, 3) uint8 ADM centre
+crop, "label": int64}, each in one fixed order. They serve both
+jdit.data.InputPipeline (pixel-space training: batch `step` is a function of
+seed and step, each host reads its own part of it) and
+jdit.data.extract_latents (host h of P encodes the h-th contiguous slice, in
+order). Neither needs TensorFlow.
 
-* `ImageFolder(root)`: `root/<class_dir>/*.{JPEG,jpg,png}`, classes sorted by
-  directory name -> label ids 0..K-1 (torchvision's ImageFolder convention,
-  which DiT and fast-DiT train on). Needs only PIL.
-* `TFDSImages("imagenet2012", data_dir)`: the TFDS dataset. Its records are
-  TFRecords of JPEG bytes, which only TensorFlow reads; install the extra
-  with `pip install tensorflow-cpu`. JPEGs are decoded with PIL, as in the
-  folder path, so both paths give the same pixels.
+* `ImageFolder(root)`: root/<class_dir>/*.{JPEG,jpg,png}, classes sorted by
+  directory name -> labels 0..K-1 (torchvision's ImageFolder, which DiT and
+  fast-DiT train on). For ImageNet's 1000 wnid folders these are the label
+  ids of TFDS's imagenet2012 too, whose label names are the sorted wnids.
+* `TFDSImages("imagenet2012", data_dir)`: a TFDS dataset prepared in
+  ArrayRecord format (jdit.data.prepare_imagenet builds imagenet2012 from the
+  ILSVRC2012 tars without TensorFlow), read with tfds' data source. Its JPEG
+  bytes are decoded by PIL as the folder's files are, so one image gives the
+  same pixels from either source.
+
+Pixel-space datasets for training, config.data.name (config.data.data_dir is
+a TFDS data dir holding imagenet2012/, or a folder root holding
+<split>/<wnid>/*.JPEG): imagenet64, imagenet128, imagenet256, imagenet512.
 
 Images are preprocessed as ADM / DiT do (`center_crop_arr`): halve with a BOX
 filter while the short side is >= 2 * size, BICUBIC-resize so the short side
@@ -20,22 +28,29 @@ is `size`, then take the centre square.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
+from jdit.data.pipeline import DATASETS, DatasetSpec, uint8_images
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-TF_EXTRA = "pip install tensorflow-cpu"
+TFDS_NAME = "imagenet2012"
+FOLDER_LAYOUT = "<root>/<class>/*.JPEG (e.g. ImageNet's train/n01440764/*.JPEG)"
+# Folder names tried for a split: TFDS calls ImageNet's "val" "validation".
+FOLDER_SPLITS = {"validation": ("validation", "val")}
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
   """ADM's centre crop (guided-diffusion image_datasets.py), as uint8.
 
   Args:
-    image: a PIL image (converted to RGB).
+    image: a PIL image (converted to RGB first, as ADM's and DiT's loaders do).
     size: side of the square output.
 
   Returns:
@@ -77,125 +92,210 @@ def host_slice(n: int, process_index: int, process_count: int) -> slice:
                n * (process_index + 1) // process_count)
 
 
-def _open(path_or_bytes, size: int) -> np.ndarray:
-  src = (io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes)
-         else path_or_bytes)
+def decode_crop(encoded: bytes | str, size: int) -> np.ndarray:
+  """An image file path or encoded bytes -> its (size, size, 3) ADM crop."""
+  src = io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded
   try:
     with Image.open(src) as image:
       return center_crop_arr(image, size)
   except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is OSError
-    name = "an image record" if isinstance(path_or_bytes, bytes) else (
-        path_or_bytes)
+    name = "an image record" if isinstance(encoded, bytes) else repr(encoded)
     raise ValueError(f"cannot decode {name}: {e}") from e
 
 
-class ImageFolder:
+class _CroppedImages:
+  """Random access to cropped examples; subclasses say where bytes live."""
+
+  classes: list[str]
+
+  def __init__(self, image_size: int, workers: int):
+    if image_size < 1:
+      raise ValueError(f"image_size must be >= 1, got {image_size}")
+    self.image_size = image_size
+    # Threads suffice: PIL releases the GIL while decoding and resizing.
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def _encoded(self, indices: list[int]) -> tuple[list, list[int]]:
+    """(paths or encoded bytes, labels) of the examples at `indices`."""
+    raise NotImplementedError
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    encoded, labels = self._encoded([int(i) for i in indices])
+    images = self._pool.map(
+        functools.partial(decode_crop, size=self.image_size), encoded)
+    return [{"image": image, "label": np.int64(label)}
+            for image, label in zip(images, labels)]
+
+  def __getitem__(self, index: int) -> dict:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} images")
+    return self.__getitems__([index % len(self)])[0]
+
+  def batches(self, batch_size: int, process_index: int = 0,
+              process_count: int = 1
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This host's contiguous slice, in order, as (uint8 (b, s, s, 3), int64
+    labels (b,)); the hosts' slices concatenate to the whole dataset."""
+    part = host_slice(len(self), process_index, process_count)
+    for start in range(part.start, part.stop, batch_size):
+      examples = self.__getitems__(
+          range(start, min(start + batch_size, part.stop)))
+      yield (np.stack([ex["image"] for ex in examples]),
+             np.asarray([ex["label"] for ex in examples], np.int64))
+
+
+class ImageFolder(_CroppedImages):
   """Images in `root/<class_dir>/<file>`, labels from sorted class dirs.
 
   Attributes:
     classes: class directory names, sorted; label i is classes[i].
-    paths, labels: this host's files (sorted by class, then file name).
-    total: number of images over all hosts.
+    paths, labels: all images, sorted by class, then file name.
   """
 
-  def __init__(self, root: str, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, root: str, image_size: int, workers: int = 16):
+    super().__init__(image_size, workers)
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
-      raise FileNotFoundError(f"image folder {root!r} does not exist")
+      raise FileNotFoundError(f"image folder {root!r} does not exist; "
+                              f"expected {FOLDER_LAYOUT}")
     self.root = root
-    self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    entries = list(os.scandir(root))
+    self.classes = sorted(e.name for e in entries if e.is_dir())
     if not self.classes:
-      raise ValueError(f"image folder {root!r} has no class subdirectories "
-                       f"(expected root/<class>/*.JPEG)")
-    paths, labels = [], []
+      loose = sum(e.is_file() and _is_image(e.name) for e in entries)
+      found = (f"{loose} images but no class subdirectories (ImageNet's "
+               f"flat val/ images must first be moved into <wnid>/ dirs)"
+               if loose else "no class subdirectories")
+      raise ValueError(f"image folder {root!r} has {found}; expected "
+                       f"{FOLDER_LAYOUT}")
+    self.paths, self.labels = [], []
     for label, name in enumerate(self.classes):
-      files = sorted(
-          f.name for f in os.scandir(os.path.join(root, name))
-          if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
-      paths += [os.path.join(root, name, f) for f in files]
-      labels += [label] * len(files)
-    if not paths:
-      raise ValueError(f"image folder {root!r} has no images with extensions "
-                       f"{IMAGE_EXTENSIONS} in its class subdirectories")
-    self.total = len(paths)
-    part = host_slice(len(paths), process_index, process_count)
-    self.paths, self.labels = paths[part], labels[part]
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.classes)
+      files = sorted(f.name for f in os.scandir(os.path.join(root, name))
+                     if f.is_file() and _is_image(f.name))
+      self.paths += [os.path.join(root, name, f) for f in files]
+      self.labels += [label] * len(files)
+    if not self.paths:
+      raise ValueError(f"image folder {root!r} has class subdirectories but "
+                       f"no images with extensions {IMAGE_EXTENSIONS} in "
+                       f"them; expected {FOLDER_LAYOUT}")
 
   def __len__(self) -> int:
     return len(self.paths)
 
-  def batches(self, batch_size: int, size: int, workers: int = 16
-              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (uint8 (b, size, size, 3), int64 labels (b,)) in order."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for i in range(0, len(self.paths), batch_size):
-        chunk = self.paths[i:i + batch_size]
-        images = list(pool.map(lambda p: _open(p, size), chunk))
-        yield (np.stack(images),
-               np.asarray(self.labels[i:i + batch_size], np.int64))
+  def _encoded(self, indices):
+    return [self.paths[i] for i in indices], [self.labels[i] for i in indices]
 
 
-class TFDSImages:
-  """A TFDS image dataset (e.g. imagenet2012) read in order via TensorFlow.
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
-  The dataset must be prepared in `data_dir` (for imagenet2012: put
-  ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
-  <data_dir>/downloads/manual, then `tfds build imagenet2012 --data_dir ...`).
+
+class TFDSImages(_CroppedImages):
+  """A prepared TFDS image dataset (features "image", "label"), by index.
+
+  Needs the ArrayRecord format (random access, no TensorFlow): what
+  jdit.data.prepare_imagenet and `tfds build --file_format array_record`
+  write. A TFRecord copy is rejected with how to convert it.
   """
 
   def __init__(self, name: str, data_dir: str, split: str = "train",
-               process_index: int = 0, process_count: int = 1):
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f"reading {name!r} from TFDS needs TensorFlow (its records are "
-          f"TFRecords of JPEGs): `{TF_EXTRA}`, or use --source folder with "
-          f"the extracted images") from e
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators
-    self.builder = tfds.builder(name, data_dir=data_dir or None)
-    self.builder.download_and_prepare()  # no-op once prepared
-    self.split = tfds.even_splits(split, n=process_count,
-                                  drop_remainder=False)[process_index]
-    self.total = self.builder.info.splits[split].num_examples
-    self._len = self.builder.info.splits[self.split].num_examples
-    self.classes = list(self.builder.info.features["label"].names)
-    self._tfds = tfds
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.classes)
+               image_size: int = 256, workers: int = 16):
+    super().__init__(image_size, workers)
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    where = f"{name!r} in TFDS data dir {str(builder.data_dir_root)!r}"
+    if not builder.is_prepared():
+      hint = (f"; build it from the ILSVRC2012 tars with `python -m "
+              f"jdit.data.prepare_imagenet --manual_dir DIR --data_dir "
+              f"{builder.data_dir_root}`" if name == TFDS_NAME else "")
+      raise FileNotFoundError(f"dataset {where} is not prepared (no "
+                              f"{builder.data_dir}/dataset_info.json){hint}")
+    info = builder.info
+    if split.split("[")[0] not in info.splits:
+      raise ValueError(f"dataset {where} has splits {list(info.splits)}, "
+                       f"not {split!r}")
+    random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+    if not info.available_file_formats() & random_access:
+      raise ValueError(
+          f"dataset {where} is stored as {info.file_format.value}, which has "
+          f"no random access and needs TensorFlow to read; add an ArrayRecord "
+          f"copy once with `tfds convert_format --dataset_version_dir "
+          f"{builder.data_dir} --out_file_format array_record` (needs "
+          f"tensorflow-cpu), or rebuild it with `python -m "
+          f"jdit.data.prepare_imagenet` (no TensorFlow)")
+    features = info.features
+    if "image" not in features or "label" not in features:
+      raise ValueError(f"dataset {where} has features {list(features)}; "
+                       f"expected 'image' and 'label'")
+    self.name, self.split = name, split
+    self.classes = list(features["label"].names)
+    # JPEG bytes, decoded by PIL in _CroppedImages like the folder's files.
+    self._data = builder.as_data_source(
+        split, decoders={"image": tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
-    return self._len
+    return len(self._data)
 
-  def batches(self, batch_size: int, size: int, workers: int = 16
-              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (uint8 (b, size, size, 3), int64 labels (b,)) in order."""
-    tfds = self._tfds
-    ds = self.builder.as_dataset(
-        split=self.split, shuffle_files=False,
-        read_config=tfds.ReadConfig(interleave_cycle_length=1),
-        decoders={"image": tfds.decode.SkipDecoding()})  # JPEGs via PIL
-    ds = ds.batch(batch_size).prefetch(2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for ex in tfds.as_numpy(ds):
-        images = list(pool.map(lambda b: _open(bytes(b), size), ex["image"]))
-        yield np.stack(images), ex["label"].astype(np.int64)
+  def _encoded(self, indices):
+    records = self._data.__getitems__(indices)
+    return [r["image"] for r in records], [int(r["label"]) for r in records]
 
 
 def open_source(source: str, *, data_dir: str = "", folder: str = "",
-                split: str = "train", process_index: int = 0,
-                process_count: int = 1):
+                split: str = "train", image_size: int = 256,
+                workers: int = 16) -> _CroppedImages:
   """`folder` (an ImageFolder at `folder`) or a TFDS dataset name."""
   if source == "folder":
     if not folder:
       raise ValueError("--source folder needs --folder PATH")
-    return ImageFolder(folder, process_index, process_count)
-  return TFDSImages(source, data_dir, split, process_index, process_count)
+    return ImageFolder(folder, image_size, workers)
+  return TFDSImages(source, data_dir, split, image_size, workers)
+
+
+def load(split: str, data_dir: str, *, name: str, image_size: int,
+         workers: int = 16) -> _CroppedImages:
+  """config.data.data_dir -> the source of a pixel-space ImageNet dataset:
+  TFDS's imagenet2012 if data_dir holds it, else the image folder
+  data_dir/<split>."""
+  layouts = (f"a TFDS data dir holding {TFDS_NAME}/ (jdit.data."
+             f"prepare_imagenet) or an image folder root holding "
+             f"{split}/<wnid>/*.JPEG")
+  if not data_dir:
+    raise ValueError(f"dataset {name!r} needs config.data.data_dir: "
+                     f"{layouts}")
+  root = os.path.expanduser(data_dir)
+  if "://" in root:  # gs:// etc.: PIL reads only local files, so TFDS
+    return TFDSImages(TFDS_NAME, root, split, image_size, workers)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"config.data.data_dir {root!r} of dataset "
+                            f"{name!r} does not exist; expected {layouts}")
+  if os.path.isdir(os.path.join(root, TFDS_NAME)):
+    return TFDSImages(TFDS_NAME, root, split, image_size, workers)
+  for sub in FOLDER_SPLITS.get(split, (split,)):
+    if os.path.isdir(os.path.join(root, sub)):
+      return ImageFolder(os.path.join(root, sub), image_size, workers)
+  raise ValueError(f"config.data.data_dir {root!r} of dataset {name!r} "
+                   f"holds neither {TFDS_NAME}/ nor {split}/; expected "
+                   f"{layouts}")
+
+
+def register(name: str, image_size: int,
+             num_classes: int = 1000) -> DatasetSpec:
+  """Registers a pixel-space dataset in jdit.data.DATASETS: ADM crops of
+  side `image_size`, as float32 in [-1, 1] (config.data.flip flips them)."""
+  spec = DatasetSpec(
+      TFDS_NAME, (image_size, image_size, 3), num_classes, uint8_images,
+      load=functools.partial(load, name=name, image_size=image_size))
+  DATASETS[name] = spec
+  return spec
+
+
+for _size in (64, 128, 256, 512):  # ADM's ImageNet resolutions
+  register(f"imagenet{_size}", _size)

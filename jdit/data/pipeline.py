@@ -47,13 +47,14 @@ class DatasetSpec:
   load: Callable[[str, str], Any] | None = None
 
 
-def _images_uint8(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+def uint8_images(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images in [0, 255] -> float32 x in [-1, 1]; int32 labels."""
   x = batch["image"].astype(np.float32) / 127.5 - 1.0
   return x, batch["label"].astype(np.int32)
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("jdit_digits", (8, 8, 1), 10, _images_uint8,
+    "digits": DatasetSpec("jdit_digits", (8, 8, 1), 10, uint8_images,
                           builder_module="jdit.data.digits"),
 }
 

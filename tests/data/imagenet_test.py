@@ -22,15 +22,46 @@ def _image(seed, w=SIZE, h=SIZE):
   return Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
 
 
+def _adm_center_crop_arr(pil_image, image_size):
+  """ADM's center_crop_arr (openai/guided-diffusion, image_datasets.py),
+  restated here independently of jdit's, after the RGB conversion that ADM's
+  and DiT's loaders apply first."""
+  while min(*pil_image.size) >= 2 * image_size:
+    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size),
+                                 resample=Image.BOX)
+  scale = image_size / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                               resample=Image.BICUBIC)
+  arr = np.array(pil_image)
+  crop_y = (arr.shape[0] - image_size) // 2
+  crop_x = (arr.shape[1] - image_size) // 2
+  return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+@pytest.mark.parametrize("w,h,size", [
+    (600, 300, 64),    # two BOX halvings, then BICUBIC up to 64 rows
+    (500, 375, 256),   # ImageNet's typical shape at DiT's 256: no halving
+    (500, 375, 64),    # 375 -> 187 -> 93: two halvings, odd sides
+    (333, 999, 32),    # portrait, many halvings
+    (257, 255, 128),   # barely not >= 2x: BICUBIC only
+    (40, 90, 64),      # smaller than the crop: BICUBIC upsampling
+])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_center_crop_matches_adm(w, h, size, mode):
+  img = _image(w * h + size, w=w, h=h).convert(mode)
+  out = imagenet.center_crop_arr(img, size)
+  assert out.shape == (size, size, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, _adm_center_crop_arr(img.convert("RGB"),
+                                                          size))
+
+
 def test_center_crop_matches_hand_computed_steps():
   img = _image(0, w=600, h=300)
   # short side 300 >= 2*64 -> 300x150 -> 150x75 (75 < 128 stops the BOX
   # halving); BICUBIC to short side 64 -> 128x64; centre columns 32..96.
   ref = img.resize((300, 150), Image.BOX).resize((150, 75), Image.BOX)
   ref = np.asarray(ref.resize((128, 64), Image.BICUBIC))[:, 32:96]
-  out = imagenet.center_crop_arr(img, 64)
-  assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(imagenet.center_crop_arr(img, 64), ref)
 
 
 def test_center_crop_picks_the_centre():
@@ -60,30 +91,31 @@ def folder(tmp_path_factory):
 
 
 def test_image_folder_labels_from_sorted_class_dirs(folder, tmp_path):
-  f = imagenet.ImageFolder(folder)
+  f = imagenet.ImageFolder(folder, SIZE, workers=2)
   assert f.classes == sorted(CLASS_DIRS) and f.num_classes == 3
-  assert len(f) == f.total == NUM_CLASSES * PER_CLASS
+  assert len(f) == NUM_CLASSES * PER_CLASS
   for path, label in zip(f.paths, f.labels):
     assert os.path.basename(os.path.dirname(path)) == f.classes[label]
   assert f.paths[0].endswith(os.path.join("n01_cat", "img0.png"))
-  parts = [imagenet.ImageFolder(folder, h, 5) for h in range(5)]
-  assert sum((p.paths for p in parts), []) == f.paths
-  images, labels = next(f.batches(5, SIZE, workers=2))
+  ex = f[5]
+  np.testing.assert_array_equal(
+      ex["image"], imagenet.center_crop_arr(Image.open(f.paths[5]), SIZE))
+  assert ex["label"] == f.labels[5] == 1
+  images, labels = next(f.batches(5))
   assert images.shape == (5, SIZE, SIZE, 3) and labels.tolist() == [0] * 4 + [1]
+  parts = [list(f.batches(2, h, 5)) for h in range(5)]  # 5 hosts, 12 images
+  labels = [lab for p in parts for _, labs in p for lab in labs]
+  assert labels == f.labels
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    imagenet.ImageFolder(str(tmp_path / "missing"))
+    imagenet.ImageFolder(str(tmp_path / "missing"), SIZE)
   with pytest.raises(ValueError, match="no class subdirectories"):
-    imagenet.ImageFolder(str(tmp_path))
-
-
-def test_tfds_source_without_tensorflow_names_the_extra():
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=unused-import
-    pytest.skip("TensorFlow is installed")
-  except ImportError:
-    pass
-  with pytest.raises(ImportError, match="tensorflow-cpu"):
-    imagenet.open_source("imagenet2012", data_dir="/nonexistent")
+    imagenet.ImageFolder(str(tmp_path), SIZE)
+  (tmp_path / "n01").mkdir()
+  with pytest.raises(ValueError, match="no images with extensions"):
+    imagenet.ImageFolder(str(tmp_path), SIZE)
+  (tmp_path / "n01" / "broken.JPEG").write_text("not an image")
+  with pytest.raises(ValueError, match="cannot decode.*broken.JPEG"):
+    imagenet.ImageFolder(str(tmp_path), SIZE)[0]
 
 
 def _tiny_vae(directory):
@@ -113,7 +145,7 @@ def test_extract_latents_stores_both_orientations(extracted, folder):
   source = tfds.builder_from_directory(out).as_data_source("train")
   n = NUM_CLASSES * PER_CLASS
   assert len(source) == 2 * n
-  f = imagenet.ImageFolder(folder)
+  f = imagenet.ImageFolder(folder, SIZE)
   images = np.stack([imagenet.center_crop_arr(Image.open(p), SIZE)
                      for p in f.paths])
   rows = np.concatenate([images, imagenet.hflip(images)])
