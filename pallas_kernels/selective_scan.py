@@ -13,10 +13,14 @@ Implementations:
   impl="pallas"               Pallas kernels (selective_scan_kernels.py):
                               Triton on GPU, Mosaic on TPU, interpret on CPU
 
-The kernel is sequential in time inside each (batch, channel tile) program,
-so its time is about length x per-step latency once every program is
-resident: on an H100 it beats the associative scan at batch 8 (fwd 2-3x,
-fwd+bwd 3-4x) but not at batch 2 (bench/scan.py).
+On GPU the time axis is also split into segments that run as parallel
+programs (a chunk-parallel scan: local passes, a short XLA recurrence over
+segments, then the real pass; see selective_scan_kernels.py), so that
+batch x channel tiles x segments fills the GPU; `BlockSizes(splits=1)` is
+the earlier structure, sequential in time inside each (batch, channel tile)
+program, whose time is about length x per-step latency: on an H100 it beat
+the associative scan at batch 8 (fwd 2-3x, fwd+bwd 3-4x) but not at batch 2
+(bench/scan.py, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -150,7 +154,8 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None,
 def _pallas(backend, interpret, softplus, block_sizes, u, delta, A, B, C, D,
             bias, z=None):
   cfg = sp.make_config(backend, interpret, softplus, z is not None,
-                       u.shape[0], u.shape[2], B.shape[2], block_sizes)
+                       u.shape[0], u.shape[1], u.shape[2], B.shape[2],
+                       block_sizes)
   return sp.scan(cfg, u, delta, A, B, C, D, z, bias)
 
 
@@ -172,7 +177,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return_last_state: also return the final state.
     impl: "auto" (Pallas on GPU/TPU, reference elsewhere), "pallas" (on CPU:
       interpret mode) or "reference".
-    block_sizes: optional kernel tuning (GPU block_d/chunk/warps).
+    block_sizes: optional kernel tuning (GPU block_d/chunk/warps/splits).
 
   Returns:
     y (batch, length, dim) in u.dtype, and with return_last_state the last

@@ -1,4 +1,5 @@
-"""pallas_calls of the selective-scan kernels: grids and BlockSpecs.
+"""pallas_calls of the selective-scan kernels: grids, BlockSpecs, and the
+XLA recurrences over time segments between them.
 
 The kernel bodies and the padded layout they expect are described in
 selective_scan_kernels.py.
@@ -11,9 +12,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _backend
-from pallas_kernels.selective_scan_kernels import bwd_kernel
+from pallas_kernels import selective_scan_kernels as k
 from pallas_kernels.selective_scan_kernels import Config
-from pallas_kernels.selective_scan_kernels import fwd_kernel
 
 F32 = jnp.float32
 
@@ -30,38 +30,50 @@ def _compiler_params(cfg):
   return _backend.tpu_params("parallel", "parallel", "arbitrary")
 
 
-def _specs(cfg, dims, reverse=False):
-  """BlockSpecs by role; dims = (batch, Lp, Dp, Np, G, nc, tiles_per_group)."""
+def _specs(cfg, dims, reverse=False, local=None):
+  """BlockSpecs by role; dims = (batch, Lp, Dp, Np, G, nc, tiles_per_group).
+
+  GPU: grid (batch, tiles, splits); a program's blocks are its segment.
+  local="fwd"|"bwd": the grid of a local pass, which skips the last
+  (forward) or the first (backward) segment; its per-segment outputs
+  (sstate, svec) have splits - 1 entries.
+  """
   bsz, lp, dp, np_, _, nc, tpg = dims
   bd, tc = cfg.block_d, cfg.chunk
   if cfg.backend == "gpu":
+    seg, ns = cfg.seg, cfg.split_chunks
+    shift = 1 if local == "bwd" else 0
+    sh = lambda s: s + shift
     return dict(
-        grid=(bsz, dp // bd),
-        seq=_spec((None, lp, bd), lambda b, j: (b, 0, j)),
-        mat=_spec((np_, bd), lambda b, j: (0, j)),
-        bc=_spec((None, None, lp, np_),
-                 lambda b, j: (b, jax.lax.div(j, tpg), 0, 0)),
-        vec=_spec((1, bd), lambda b, j: (0, j)),
-        state=_spec((None, np_, bd), lambda b, j: (b, 0, j)),
-        states=_spec((None, nc, np_, bd), lambda b, j: (b, 0, 0, j)),
-        pvec=_spec((None, 1, bd), lambda b, j: (b, 0, j)),
-        pbc=_spec((None, None, lp, np_), lambda b, j: (b, j, 0, 0)),
-        work=_spec((None, tc, np_, bd), lambda b, j: (b, 0, 0, j)),
+        grid=(bsz, dp // bd, cfg.splits - (local is not None)),
+        seq=_spec((None, seg, bd), lambda b, j, s: (b, sh(s), j)),
+        mat=_spec((np_, bd), lambda b, j, s: (0, j)),
+        bc=_spec((None, None, seg, np_),
+                 lambda b, j, s: (b, jax.lax.div(j, tpg), sh(s), 0)),
+        vec=_spec((1, bd), lambda b, j, s: (0, j)),
+        last=_spec((None, np_, bd), lambda b, j, s: (b, 0, j)),
+        sstate=_spec((None, None, np_, bd), lambda b, j, s: (b, s, 0, j)),
+        svec=_spec((None, None, 1, bd), lambda b, j, s: (b, s, 0, j)),
+        states=_spec((None, ns, np_, bd), lambda b, j, s: (b, s, 0, j)),
+        pbc=_spec((None, None, seg, np_), lambda b, j, s: (b, j, s, 0)),
+        work=_spec((None, None, tc, np_, bd),
+                   lambda b, j, s: (b, s, 0, 0, j)),
     )
   # TPU: the chunk axis is the sequential third grid axis; the backward
   # walks it in reverse through the index maps.
-  ch = (lambda k: nc - 1 - k) if reverse else (lambda k: k)
+  ch = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
   return dict(
       grid=(bsz, dp // bd, nc),
-      seq=_spec((None, tc, bd), lambda b, j, k: (b, ch(k), j)),
-      mat=_spec((np_, bd), lambda b, j, k: (0, j)),
+      seq=_spec((None, tc, bd), lambda b, j, c: (b, ch(c), j)),
+      mat=_spec((np_, bd), lambda b, j, c: (0, j)),
       bc=_spec((None, None, tc, np_),
-               lambda b, j, k: (b, jax.lax.div(j, tpg), ch(k), 0)),
-      vec=_spec((1, bd), lambda b, j, k: (0, j)),
-      state=_spec((None, np_, bd), lambda b, j, k: (b, 0, j)),
-      states=_spec((None, None, np_, bd), lambda b, j, k: (b, ch(k), 0, j)),
-      pvec=_spec((None, 1, bd), lambda b, j, k: (b, 0, j)),
-      pbc=_spec((None, None, tc, np_), lambda b, j, k: (b, j, ch(k), 0)),
+               lambda b, j, c: (b, jax.lax.div(j, tpg), ch(c), 0)),
+      vec=_spec((1, bd), lambda b, j, c: (0, j)),
+      last=_spec((None, np_, bd), lambda b, j, c: (b, 0, j)),
+      sstate=_spec((None, None, np_, bd), lambda b, j, c: (b, 0, 0, j)),
+      svec=_spec((None, None, 1, bd), lambda b, j, c: (b, 0, 0, j)),
+      states=_spec((None, None, np_, bd), lambda b, j, c: (b, ch(c), 0, j)),
+      pbc=_spec((None, None, tc, np_), lambda b, j, c: (b, j, ch(c), 0)),
   )
 
 
@@ -98,68 +110,135 @@ def _call(cfg, kernel, grid, args, in_specs, out_shape, out_specs, scratch,
 def _dims(cfg, u, B):
   bsz, lp, dp = u.shape
   _, g, _, np_ = B.shape
+  assert lp == cfg.splits * cfg.seg, (lp, cfg)
   return (bsz, lp, dp, np_, g, lp // cfg.chunk, dp // g // cfg.block_d)
 
 
+def _run(cfg, kernel, s, arrays, roles, outs, scratch, name):
+  """pallas_call with refs named as in `kernel`'s (in, out) name lists.
+
+  arrays: name -> array; roles: name -> spec role in `s`; outs: list of
+  (name, ShapeDtypeStruct, role). Names absent from the config are
+  dropped (see selective_scan_kernels.present).
+  """
+  body, in_names, out_names = kernel
+  ins = k.present(cfg, in_names)
+  outs = {n: (sds, role) for n, sds, role in outs}
+  outs = [(n,) + outs[n] for n in k.present(cfg, out_names)]
+  res = _call(cfg, lambda *refs: body(cfg, *refs), s["grid"],
+              [arrays[n] for n in ins], [s[roles[n]] for n in ins],
+              [o[1] for o in outs], [s[o[2]] for o in outs], scratch, name)
+  return dict(zip([o[0] for o in outs], res))
+
+
+_ROLES = dict(u="seq", delta="seq", z="seq", dy="seq", A="mat", B="bc",
+              C="bc", D="vec", bias="vec", init="sstate", dend="sstate",
+              states="states")
+
+
+def _chain(decay, local, reverse=False):
+  """Inclusive linear recurrence over axis 1: x_s = decay_s x_{s-1} +
+  local_s (from the end when reverse), x = 0 before the first."""
+
+  def combine(x, y):
+    (a1, b1), (a2, b2) = x, y
+    return a1 * a2, a2 * b1 + b2
+
+  return jax.lax.associative_scan(combine, (decay, local), axis=1,
+                                  reverse=reverse)[1]
+
+
+def _segment_decay(A, dtsum):
+  """exp(A * sum dt) per segment: (Np, Dp), (b, S', 1, Dp) -> (b, S', Np, Dp)."""
+  return jnp.exp(A[None, None] * dtsum)
+
+
 def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
-  """Padded-layout forward: returns y, last state and boundary states."""
+  """Padded-layout forward: returns y, last state, boundary states."""
   dims = _dims(cfg, u, B)
   bsz, lp, dp, np_, _, nc, _ = dims
+  sds = jax.ShapeDtypeStruct
+  arrays = dict(u=u, delta=delta, z=z, A=A, B=B, C=C, D=D, bias=bias)
+  if cfg.backend == "gpu" and cfg.splits > 1:
+    # Phase 1: every segment but the last from a zero state.
+    ns = cfg.splits - 1
+    loc = _run(cfg, (k.fwd_local_kernel, k.FWD_LOCAL_IN, k.FWD_LOCAL_OUT),
+               _specs(cfg, dims, local="fwd"), arrays, _ROLES,
+               [("hloc", sds((bsz, ns, np_, dp), F32), "sstate"),
+                ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
+               [], "selective_scan_fwd_local")
+    # Phase 2: true end states of segments 0..S-2 = initial states of 1..S-1.
+    ends = _chain(_segment_decay(A, loc["dtsum"]), loc["hloc"])
+    arrays["init"] = jnp.concatenate(
+        [jnp.zeros((bsz, 1, np_, dp), F32), ends], axis=1)
   s = _specs(cfg, dims)
-  args = [u, delta] + ([z] if cfg.has_z else []) + [A, B, C, D, bias]
-  in_specs = [s["seq"], s["seq"]] + ([s["seq"]] if cfg.has_z else [])
-  in_specs += [s["mat"], s["bc"], s["bc"], s["vec"], s["vec"]]
-  out_shape = (jax.ShapeDtypeStruct(u.shape, u.dtype),
-               jax.ShapeDtypeStruct((bsz, np_, dp), F32),
-               jax.ShapeDtypeStruct((bsz, nc, np_, dp), F32))
   scratch = ([] if cfg.backend == "gpu" else
              [pltpu.VMEM((np_, cfg.block_d), F32)])
-  kernel = lambda *refs: fwd_kernel(cfg, nc, *refs)
-  return _call(cfg, kernel, s["grid"], args, in_specs, out_shape,
-               (s["seq"], s["state"], s["states"]), scratch,
-               "selective_scan_fwd")
+  out = _run(cfg, (k.fwd_kernel, k._FWD_IN, k._FWD_OUT), s, arrays, _ROLES,
+             [("y", sds(u.shape, u.dtype), "seq"),
+              ("last", sds((bsz, np_, dp), F32), "last"),
+              ("states", sds((bsz, nc, np_, dp), F32), "states")],
+             scratch, "selective_scan_fwd")
+  return out["y"], out["last"], out["states"]
+
+
+def _state_grads(cfg, dims, arrays, A, dlast):
+  """Gradient w.r.t. each segment's end state, (b, S, Np, Dp)."""
+  bsz, _, dp, np_, _, _, _ = dims
+  if cfg.backend != "gpu" or cfg.splits == 1:
+    return dlast[:, None]
+  sds = jax.ShapeDtypeStruct
+  ns = cfg.splits - 1
+  # Every segment but the first, in reverse from a zero gradient.
+  loc = _run(cfg, (k.bwd_local_kernel, k.BWD_LOCAL_IN, k.BWD_LOCAL_OUT),
+             _specs(cfg, dims, local="bwd"), arrays, _ROLES,
+             [("dhloc", sds((bsz, ns, np_, dp), F32), "sstate"),
+              ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
+             [], "selective_scan_bwd_local")
+  # Gradient at the start of segment s (1..S-1) = at the end of s-1:
+  #   g_s = dhloc_s + exp(A sum dt_s) g_{s+1}, g_S = dlast.
+  decay = _segment_decay(A, loc["dtsum"])
+  local = loc["dhloc"].at[:, -1].add(decay[:, -1] * dlast)
+  starts = _chain(decay, local, reverse=True)
+  return jnp.concatenate([starts, dlast[:, None]], axis=1)
 
 
 def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
   """Padded-layout backward.
 
-  Returns du, ddelta, dz (None without z), per-batch partial dA (batch, Np,
-  Dp), dD and dbias (batch, 1, Dp), and per-channel-tile partial dB and dC
-  (batch, tiles, Lp, Np); the caller sums the partials (no atomics).
+  Returns du, ddelta, dz (None without z), partial dA (batch, S, Np, Dp),
+  dD and dbias (batch, S, 1, Dp) per batch and segment, and per-channel-
+  tile partial dB and dC (batch, tiles, Lp, Np); the caller sums the
+  partials (no atomics).
   """
   dims = _dims(cfg, u, B)
   bsz, lp, dp, np_, _, nc, _ = dims
   nt = dp // cfg.block_d
+  arrays = dict(u=u, delta=delta, z=z, A=A, B=B, C=C, D=D, bias=bias,
+                states=states, dy=dy)
+  arrays["dend"] = _state_grads(cfg, dims, arrays, A, dlast)
   s = _specs(cfg, dims, reverse=True)
-  args = [u, delta] + ([z] if cfg.has_z else [])
-  args += [A, B, C, D, bias, states, dy, dlast]
-  in_specs = [s["seq"], s["seq"]] + ([s["seq"]] if cfg.has_z else [])
-  in_specs += [s["mat"], s["bc"], s["bc"], s["vec"], s["vec"], s["states"],
-               s["seq"], s["state"]]
+  ns = cfg.splits
   sds = jax.ShapeDtypeStruct
-  out_shape = [sds(u.shape, u.dtype), sds(delta.shape, delta.dtype)]
-  out_specs = [s["seq"], s["seq"]]
-  if cfg.has_z:
-    out_shape.append(sds(z.shape, z.dtype))
-    out_specs.append(s["seq"])
-  out_shape += [sds((bsz, np_, dp), F32), sds((bsz, 1, dp), F32),
-                sds((bsz, 1, dp), F32), sds((bsz, nt, lp, np_), F32),
-                sds((bsz, nt, lp, np_), F32)]
-  out_specs += [s["state"], s["pvec"], s["pvec"], s["pbc"], s["pbc"]]
+  outs = [("du", sds(u.shape, u.dtype), "seq"),
+          ("ddelta", sds(delta.shape, delta.dtype), "seq"),
+          ("dz", sds(u.shape, u.dtype if z is None else z.dtype), "seq"),
+          ("dA", sds((bsz, ns, np_, dp), F32), "sstate"),
+          ("dD", sds((bsz, ns, 1, dp), F32), "svec"),
+          ("dbias", sds((bsz, ns, 1, dp), F32), "svec"),
+          ("dB", sds((bsz, nt, lp, np_), F32), "pbc"),
+          ("dC", sds((bsz, nt, lp, np_), F32), "pbc")]
+  names = list(k._BWD_OUT)
   if cfg.backend == "gpu":
     # Triton has no scratch: the recomputed per-chunk states go to HBM
-    # (per program, so it stays mostly in L2).
-    out_shape.append(sds((bsz, cfg.chunk, np_, dp), F32))
-    out_specs.append(s["work"])
+    # (per program, so it stays partly in L2).
+    outs.append(("work", sds((bsz, ns, cfg.chunk, np_, dp), F32), "work"))
+    names.append("work")
     scratch = []
   else:
     scratch = [pltpu.VMEM((np_, cfg.block_d), F32),
                pltpu.VMEM((cfg.chunk, np_, cfg.block_d), F32)]
-  kernel = lambda *refs: bwd_kernel(cfg, nc, *refs)
-  outs = _call(cfg, kernel, s["grid"], args, in_specs, out_shape, out_specs,
-               scratch, "selective_scan_bwd")
-  outs = list(outs)
-  du, ddelta = outs[:2]
-  dz = outs[2] if cfg.has_z else None
-  rest = outs[3 if cfg.has_z else 2:]
-  return (du, ddelta, dz) + tuple(rest[:5])
+  out = _run(cfg, (k.bwd_kernel, k._BWD_IN, tuple(names)), s, arrays,
+             _ROLES, outs, scratch, "selective_scan_bwd")
+  return (out["du"], out["ddelta"], out.get("dz"), out["dA"], out["dD"],
+          out["dbias"], out["dB"], out["dC"])

@@ -1,7 +1,7 @@
 """Pallas kernel bodies for the Mamba-1 selective scan (forward, backward).
 
-The pallas_calls (grids, BlockSpecs) that run them are in
-selective_scan_calls.py.
+The pallas_calls (grids, BlockSpecs) that run them, and the XLA recurrences
+over splits between them, are in selective_scan_calls.py.
 
 Layout inside the kernels (built by selective_scan_pallas.py): time-major
 rows, channels on the minor (lane) axis, the state as an (N, bd) f32 tile.
@@ -10,16 +10,39 @@ rows, channels on the minor (lane) axis, the state as an (N, bd) f32 tile.
   B, C                     (batch, G, Lp, Np)   block (T, Np)
   D, delta_bias            (1, Dp) f32          block (1, bd)
   states                   (batch, nc, Np, Dp)  chunk-boundary states
+  per-split states         (batch, S, Np, Dp)   block (Np, bd)
 Time is left-padded with zeros (u = 0 keeps h = 0 there, so padding needs
 no mask and contributes nothing to any gradient); channels are padded per
 group with zeros for the same reason.
 
-Two program structures share the per-timestep code:
-  "gpu": grid (batch, channel tiles); each program loops over every chunk
-    (Triton has no scratch memory and no sequential grid axis), the
-    backward's per-chunk recomputed states go to an HBM work output.
+Program structures sharing the per-timestep code:
+  "gpu": grid (batch, channel tiles, splits). The time axis is cut into
+    `splits` segments of `split_chunks` chunks; a program loops over its
+    segment's chunks sequentially (Triton has no scratch memory and no
+    sequential grid axis). With splits == 1 this is one pass per
+    (batch, tile) over the whole sequence. With splits > 1 the forward is
+      fwd_local_kernel  each segment (but the last) from a zero state:
+                        its end state and sum of dt (the segment's decay is
+                        exp(A * sum dt), elementwise);
+      (XLA)             the true initial state of each segment, a linear
+                        recurrence over segments;
+      fwd_kernel        each segment again from its true initial state:
+                        y, the chunk-boundary states, the last state;
+    and the backward is
+      bwd_local_kernel  each segment (but the first) in reverse from a zero
+                        state gradient: the gradient at its start, and its
+                        sum of dt;
+      (XLA)             the state gradient at each segment's end, the
+                        transposed recurrence over segments;
+      bwd_kernel        each segment in reverse from that gradient,
+                        recomputing states per chunk from the saved
+                        boundary states (never inverting the recurrence)
+                        into an HBM work output: du, ddelta, dz rows,
+                        dB/dC partial rows per channel tile, dA/dD/dbias
+                        partials per program (reduced in XLA).
   "tpu": grid (batch, channel tiles, chunks) with the chunk axis
-    "arbitrary"; the carry and the work buffer live in VMEM scratch.
+    "arbitrary"; the carry and the work buffer live in VMEM scratch
+    (splits is always 1 there).
 """
 from __future__ import annotations
 
@@ -48,6 +71,13 @@ class Config:
   num_stages: int = 1
   unroll: int = 1  # timesteps per loop iteration (divides chunk)
   poison: bool = False  # tests: outputs start as NaN (aliased inputs)
+  splits: int = 1  # GPU: time segments run in parallel (1 on TPU)
+  split_chunks: int = 1  # chunks per segment (TPU: all chunks)
+
+  @property
+  def seg(self) -> int:
+    """Timesteps per segment."""
+    return self.split_chunks * self.chunk
 
 
 class _Rows:
@@ -92,28 +122,40 @@ def _softplus(x):
   return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _step_inputs(cfg, rows, refs, t, bias):
+def _dt(cfg, rows, refs, t, bias):
+  """(dt after bias/softplus, raw dt) rows of timestep t."""
+  dt_raw = rows.row(refs["delta"], t) + bias
+  return (_softplus(dt_raw) if cfg.softplus else dt_raw), dt_raw
+
+
+def _step_inputs(cfg, rows, refs, t, bias, need_c=True):
   """Loads timestep t: u, dt (post bias/softplus), raw dt, B and C cols."""
   u = rows.row(refs["u"], t)
-  dt_raw = rows.row(refs["delta"], t) + bias
-  dt = _softplus(dt_raw) if cfg.softplus else dt_raw
-  return u, dt, dt_raw, rows.col(refs["B"], t), rows.col(refs["C"], t)
+  dt, dt_raw = _dt(cfg, rows, refs, t, bias)
+  c = rows.col(refs["C"], t) if need_c else None
+  return u, dt, dt_raw, rows.col(refs["B"], t), c
 
 
 def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
-               work=None):
-  """Runs cfg.chunk timesteps from h; optionally stores y or pre-states."""
+               work=None, dtsum=None):
+  """Runs cfg.chunk timesteps from h; optionally stores y or pre-states.
+
+  With `dtsum` (a (1, bd) row) also accumulates dt and returns (h, dtsum).
+  """
 
   def load(i):
     t = t0 + i
-    x = _step_inputs(cfg, rows, refs, t, bias)
+    x = _step_inputs(cfg, rows, refs, t, bias, need_c=write_y)
     z = rows.row(refs["z"], t) if write_y and cfg.has_z else None
     return x, z
 
-  def compute(i, loaded, h):
+  def compute(i, loaded, carry):
+    h, dts = carry
     (u, dt, _, b, c), z = loaded
     h_prev = h
     h = jnp.exp2(dt * a2) * h + b * (dt * u)
+    if dts is not None:
+      dts = dts + dt
     y = None
     if write_y:
       y = jnp.sum(h * c, axis=0, keepdims=True) + dvec * u
@@ -126,9 +168,10 @@ def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
       if y is not None:
         refs["y"][pl.ds(t0 + i, 1), :] = y.astype(refs["y"].dtype)
 
-    return h, store
+    return (h, dts), store
 
-  return _unrolled_loop(cfg, load, compute, h)
+  h, dts = _unrolled_loop(cfg, load, compute, (h, dtsum))
+  return h if dtsum is None else (h, dts)
 
 
 def _unrolled_loop(cfg, load, compute, carry, reverse=False):
@@ -204,21 +247,74 @@ def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
   return _unrolled_loop(cfg, load, compute, carry, reverse=True)
 
 
-_FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias")
+def _bwd_local_chunk(cfg, rows, refs, carry, a2, bias, t0):
+  """Reverse loop over one chunk carrying only the state gradient (and the
+  sum of dt): dh <- (dh + C_t g_t) * exp(dt_t A)."""
+
+  def load(i):
+    t = t0 + i
+    z = rows.row(refs["z"], t) if cfg.has_z else None
+    return (_dt(cfg, rows, refs, t, bias)[0], rows.col(refs["C"], t),
+            rows.row(refs["dy"], t), z)
+
+  def compute(i, loaded, carry):
+    del i
+    dh, dts = carry
+    dt, c, g, z = loaded
+    if z is not None:
+      g = g * (z * jax.nn.sigmoid(z))
+    return ((dh + c * g) * jnp.exp2(dt * a2), dts + dt), lambda: None
+
+  return _unrolled_loop(cfg, load, compute, carry, reverse=True)
+
+
+_FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "init")
 _FWD_OUT = ("y", "last", "states")
-_BWD_IN = _FWD_IN + ("states", "dy", "dlast")
+_BWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "states", "dy",
+           "dend")
 _BWD_OUT = ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC")
+FWD_LOCAL_IN = ("u", "delta", "A", "B", "bias")
+FWD_LOCAL_OUT = ("hloc", "dtsum")
+BWD_LOCAL_IN = ("delta", "z", "A", "C", "bias", "dy")
+BWD_LOCAL_OUT = ("dhloc", "dtsum")
 
 
-def _named(names, refs):
-  return dict(zip(names, refs))
+def present(cfg, names):
+  """The names of the refs a kernel instance takes, in order."""
+  gone = set()
+  if not cfg.has_z:
+    gone |= {"z", "dz"}
+  if cfg.backend != "gpu" or cfg.splits == 1:
+    gone.add("init")
+  return [k for k in names if k not in gone]
 
 
-def fwd_kernel(cfg, nc, *refs):
-  n_in = len(_FWD_IN) - (0 if cfg.has_z else 1)
-  in_names = [k for k in _FWD_IN if cfg.has_z or k != "z"]
-  r = _named(in_names, refs[:n_in])
-  r.update(_named(_FWD_OUT, refs[n_in:n_in + 3]))
+def _bind(cfg, in_names, out_names, refs):
+  """Named refs (dict) and the remaining (scratch/work) refs."""
+  names = present(cfg, in_names) + present(cfg, out_names)
+  return dict(zip(names, refs)), refs[len(names):]
+
+
+def fwd_local_kernel(cfg, *refs):
+  """Phase 1 (GPU, splits > 1): one segment from a zero state."""
+  r, _ = _bind(cfg, FWD_LOCAL_IN, FWD_LOCAL_OUT, refs)
+  a2 = r["A"][...] * LOG2E
+  bias = r["bias"][...]
+  rows = _Rows(cfg, a2.shape[0])
+
+  def chunk(c, carry):
+    h, dts = carry
+    return _fwd_chunk(cfg, rows, r, h, a2, None, bias, c * cfg.chunk,
+                      write_y=False, dtsum=dts)
+
+  init = (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32))
+  h, dts = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
+  r["hloc"][...] = h
+  r["dtsum"][...] = dts
+
+
+def fwd_kernel(cfg, *refs):
+  r, extra = _bind(cfg, _FWD_IN, _FWD_OUT, refs)
   a2 = r["A"][...] * LOG2E  # exp(dt*A) = exp2(dt*A*log2 e)
   dvec, bias = r["D"][...], r["bias"][...]
   rows = _Rows(cfg, a2.shape[0])
@@ -228,11 +324,20 @@ def fwd_kernel(cfg, nc, *refs):
       r["states"][c] = h
       return _fwd_chunk(cfg, rows, r, h, a2, dvec, bias, c * cfg.chunk)
 
-    h = jax.lax.fori_loop(0, nc, chunk, jnp.zeros(a2.shape, F32))
-    r["last"][...] = h
+    h0 = (r["init"][...] if cfg.splits > 1 else jnp.zeros(a2.shape, F32))
+    h = jax.lax.fori_loop(0, cfg.split_chunks, chunk, h0)
+    if cfg.splits == 1:
+      r["last"][...] = h
+    else:
+
+      @pl.when(pl.program_id(2) == cfg.splits - 1)
+      def _():
+        r["last"][...] = h
+
     return
-  (h_scr,) = refs[n_in + 3:]
+  (h_scr,) = extra
   c = pl.program_id(2)
+  nc = cfg.split_chunks
 
   @pl.when(c == 0)
   def _():
@@ -258,13 +363,26 @@ def _barrier(cfg):
     plgpu.debug_barrier()
 
 
-def bwd_kernel(cfg, nc, *refs):
-  in_names = [k for k in _BWD_IN if cfg.has_z or k != "z"]
-  out_names = [k for k in _BWD_OUT if cfg.has_z or k != "dz"]
-  n_in, n_out = len(in_names), len(out_names)
-  r = _named(in_names, refs[:n_in])
-  r.update(_named(out_names, refs[n_in:n_in + n_out]))
-  extra = refs[n_in + n_out:]
+def bwd_local_kernel(cfg, *refs):
+  """Backward phase 1 (GPU, splits > 1): one segment in reverse from a zero
+  state gradient; writes the gradient at its start and its sum of dt."""
+  r, _ = _bind(cfg, BWD_LOCAL_IN, BWD_LOCAL_OUT, refs)
+  a2 = r["A"][...] * LOG2E
+  bias = r["bias"][...]
+  rows = _Rows(cfg, a2.shape[0])
+
+  def chunk(k, carry):
+    t0 = (cfg.split_chunks - 1 - k) * cfg.chunk
+    return _bwd_local_chunk(cfg, rows, r, carry, a2, bias, t0)
+
+  init = (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32))
+  dh, dts = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
+  r["dhloc"][...] = dh
+  r["dtsum"][...] = dts
+
+
+def bwd_kernel(cfg, *refs):
+  r, extra = _bind(cfg, _BWD_IN, _BWD_OUT, refs)
   a_true = r["A"][...]
   a2 = a_true * LOG2E
   dvec, bias = r["D"][...], r["bias"][...]
@@ -274,7 +392,7 @@ def bwd_kernel(cfg, nc, *refs):
     (work,) = extra
 
     def chunk(k, carry):
-      c = nc - 1 - k
+      c = cfg.split_chunks - 1 - k
       t0 = c * cfg.chunk
       _fwd_chunk(cfg, rows, r, r["states"][c], a2, dvec, bias, t0,
                  write_y=False, work=work)
@@ -284,8 +402,8 @@ def bwd_kernel(cfg, nc, *refs):
       _barrier(cfg)  # all reads of work done before the next overwrite
       return carry
 
-    init = (r["dlast"][...], jnp.zeros(a2.shape, F32), row0, row0)
-    _, da, dd, db = jax.lax.fori_loop(0, nc, chunk, init)
+    init = (r["dend"][...], jnp.zeros(a2.shape, F32), row0, row0)
+    _, da, dd, db = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
     r["dA"][...] = da
     r["dD"][...] = dd
     r["dbias"][...] = db
@@ -295,7 +413,7 @@ def bwd_kernel(cfg, nc, *refs):
 
   @pl.when(k == 0)
   def _():
-    dh_scr[...] = r["dlast"][...]
+    dh_scr[...] = r["dend"][...]
     r["dA"][...] = jnp.zeros(a2.shape, F32)
     r["dD"][...] = row0
     r["dbias"][...] = row0

@@ -2,7 +2,8 @@
 
 Tiers (DESIGN.md): the f32 reference against an independent float64
 per-timestep numpy loop; the associative-scan path against the reference;
-the Pallas kernels in interpret mode (both the Triton program structure and
+the Pallas kernels in interpret mode (the Triton program structure, with
+the time axis in one sequential pass or split into parallel segments, and
 the TPU one) against the reference, forward and all gradients; poisoned
 outputs; jax.export lowering to ("cuda",) and ("tpu",) at production shapes;
 a real-GPU test (marked gpu).
@@ -32,7 +33,8 @@ ss = importlib.import_module("pallas_kernels.selective_scan")
 
 TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles: tiny shapes still span several channel tiles per group,
-# several chunks, left time padding and channel padding.
+# several chunks, left time padding and channel padding. Splits are auto:
+# on these shapes every chunk is its own parallel segment.
 SMALL = ss.BlockSizes(block_d=16, chunk=16, unroll=2)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -141,12 +143,17 @@ def _fwd_and_grads(fn, arrs, kw, seed=3):
 
   def loss(*xs):
     nonlocal wy, wl
-    y, last = fn(**dict(zip(names, xs)), **kw)
+    out = fn(**dict(zip(names, xs)), **kw)
+    y, last = out if isinstance(out, tuple) else (out, None)
     if wy is None:
       ky, kl = jax.random.split(jax.random.PRNGKey(seed))
       wy = jax.random.normal(ky, y.shape, jnp.float32)
-      wl = jax.random.normal(kl, last.shape, jnp.float32)
-    return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl), (y, last)
+      wl = (None if last is None else
+            jax.random.normal(kl, last.shape, jnp.float32))
+    value = jnp.sum(y.astype(jnp.float32) * wy)
+    if last is not None:
+      value = value + jnp.sum(last * wl)
+    return value, (y, last)
 
   xs = [arrs[k] for k in names]
   # One jit per case: far cheaper than op-by-op dispatch in interpret mode.
@@ -155,14 +162,18 @@ def _fwd_and_grads(fn, arrs, kw, seed=3):
   return y, last, dict(zip(names, grads))
 
 
-def _check_against_reference(run, arrs, kw, tol_fwd, tol_grad):
-  ref = lambda **a: ss.selective_scan_reference(return_last_state=True, **a)
+def _check_against_reference(run, arrs, kw, tol_fwd, tol_grad,
+                             last_state=True):
+  ref = lambda **a: ss.selective_scan_reference(return_last_state=last_state,
+                                                **a)
   y, last, grads = _fwd_and_grads(run, arrs, kw)
   y_ref, last_ref, grads_ref = _fwd_and_grads(ref, arrs, kw)
   assert y.shape == y_ref.shape and y.dtype == arrs["u"].dtype
-  assert last.shape == last_ref.shape and last.dtype == jnp.float32
   _assert_rel(y, y_ref, tol_fwd, "y")
-  _assert_rel(last, last_ref, tol_fwd, "last state")
+  assert (last is None) == (not last_state)
+  if last_state:
+    assert last.shape == last_ref.shape and last.dtype == jnp.float32
+    _assert_rel(last, last_ref, tol_fwd, "last state")
   assert grads.keys() == grads_ref.keys()
   for name, g in grads.items():
     assert g.shape == arrs[name].shape and g.dtype == arrs[name].dtype, name
@@ -186,14 +197,84 @@ def test_interpret_matches_reference_bf16():
   _check_against_reference(run, arrs, kw, 1e-2, 2e-2)
 
 
-@pytest.mark.parametrize("chunk,unroll,block_d", [(8, 1, 8), (32, 8, 64)])
-def test_interpret_block_sizes(chunk, unroll, block_d):
+@pytest.mark.parametrize("chunk,unroll,block_d,splits",
+                         [(8, 1, 8, 1), (32, 8, 64, None)])
+def test_interpret_block_sizes(chunk, unroll, block_d, splits):
   arrs = _inputs(1, 40, 48, 1, 4, seed=5)
-  bs = ss.BlockSizes(block_d=block_d, chunk=chunk, unroll=unroll)
+  bs = ss.BlockSizes(block_d=block_d, chunk=chunk, unroll=unroll,
+                     splits=splits)
   run = lambda **a: ss.selective_scan(return_last_state=True, impl="pallas",
                                       block_sizes=bs, **a)
   kw = _kwargs(arrs, True, True, True, True)
   _check_against_reference(run, arrs, kw, 2e-5, 2e-5)
+
+
+# Chunk-parallel GPU structure (chunk 8): (b, L, dim, groups, state, use D,
+# use z, use bias, softplus, splits asked, splits used, return_last_state).
+SPLIT_CASES = [
+    # One sequential pass (the pre-split structure).
+    (1, 40, 16, 1, 16, True, True, True, True, 1, 1, True),
+    # L % chunk != 0 (left time padding), padded channels per group.
+    (2, 37, 12, 2, 4, True, True, False, True, 2, 2, True),
+    # State 1, no z, y only (zero last-state cotangent); 6 chunks in 3.
+    (1, 45, 16, 1, 1, False, False, True, False, 3, 3, False),
+    # One chunk per segment, groups 2, state 16.
+    (2, 64, 16, 2, 16, True, False, True, True, 8, 8, True),
+    # 7 chunks asked in 4 segments: 2 per segment, so 4 (8 chunks, padded).
+    (1, 50, 24, 1, 4, False, True, True, False, 4, 4, False),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_interpret_splits_match_reference(case):
+  b, length, dim, groups, state, *flags, splits, used, last_state = case
+  arrs = _inputs(b, length, dim, groups, state, seed=10)
+  if not flags[3]:  # without softplus keep dt > 0 (else h grows to inf)
+    arrs["delta"] = jnp.abs(arrs["delta"])
+    arrs["delta_bias"] = jnp.abs(arrs["delta_bias"])
+  bs = ss.BlockSizes(block_d=8, chunk=8, unroll=2, splits=splits)
+  cfg = ssp.make_config("gpu", True, flags[3], flags[1], b, length, dim,
+                        groups, bs)
+  assert cfg.splits == used
+  assert cfg.splits * cfg.seg >= length > (cfg.splits - 1) * cfg.seg
+  run = lambda **a: ss.selective_scan(return_last_state=last_state,
+                                      impl="pallas", block_sizes=bs, **a)
+  _check_against_reference(run, arrs, _kwargs(arrs, *flags), 2e-5, 2e-5,
+                           last_state=last_state)
+
+
+@pytest.mark.parametrize("shape,splits,per,block_d", [
+    # bench shapes: batch x tiles x splits >= 8 x 132 programs
+    ((8, 1024, 2304, 1), 4, 4, 64),
+    ((2, 4096, 1536, 1), 32, 2, 64),
+    ((2, 1024, 2304, 1), 16, 1, 64),
+    # already enough programs: one sequential pass
+    ((64, 1024, 2304, 1), 1, 16, 64),
+    # one chunk: nothing to split, so the sequential rule halves block_d
+    ((2, 64, 1536, 1), 1, 1, 32),
+])
+def test_auto_splits(shape, splits, per, block_d):
+  b, length, dim, groups = shape
+  cfg = ssp.make_config("gpu", False, True, True, b, length, dim, groups,
+                        None)
+  assert (cfg.splits, cfg.split_chunks, cfg.block_d) == (splits, per, block_d)
+  n = ssp.num_programs(cfg, b, dim, groups)
+  assert n == b * dim // block_d * splits
+  assert splits == 1 or n >= 8 * 132
+
+
+def test_splits_one_is_the_sequential_config():
+  # splits=1 keeps the pre-split choice: block_d 32 when 64 would leave
+  # SMs idle; TPU ignores splits.
+  one = ss.BlockSizes(splits=1)
+  cfg = ssp.make_config("gpu", False, True, True, 2, 4096, 1536, 1, one)
+  assert (cfg.splits, cfg.split_chunks, cfg.block_d) == (1, 64, 32)
+  tpu = ssp.make_config("tpu", False, True, True, 2, 4096, 1536, 1,
+                        ss.BlockSizes(splits=8))
+  assert (tpu.splits, tpu.split_chunks) == (1, 64)
+  with pytest.raises(ValueError, match="splits"):
+    ssp.make_config("gpu", False, True, True, 2, 64, 8, 1,
+                    ss.BlockSizes(splits=0))
 
 
 def _tpu_structured(softplus):
@@ -202,7 +283,7 @@ def _tpu_structured(softplus):
 
   def run(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     cfg = ssp.make_config("tpu", True, softplus, z is not None, u.shape[0],
-                          u.shape[2], B.shape[2],
+                          u.shape[1], u.shape[2], B.shape[2],
                           ss.BlockSizes(chunk=16, unroll=2))
     zeros = jnp.zeros((u.shape[2],), jnp.float32)
     return ssp.scan(cfg, u, delta, A, B, C, zeros if D is None else D, z,
@@ -244,12 +325,15 @@ def test_poison_control_detects_unwritten_output():
   assert not np.isnan(out[0]).any() and np.isnan(out[1:]).all()
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend,splits",
+                         [("gpu", None), ("gpu", 1), ("tpu", None)])
 @pytest.mark.parametrize("has_z", [True, False])
-def test_poisoned_outputs_fully_written(backend, has_z):
+def test_poisoned_outputs_fully_written(backend, splits, has_z):
   """Every element of every kernel output (padding included) is written."""
   arrs = _inputs(2, 37, 20, 2, 4, seed=7)
-  cfg = ssp.make_config(backend, True, True, has_z, 2, 20, 2, SMALL)
+  bs = dataclasses.replace(SMALL, splits=splits)
+  cfg = ssp.make_config(backend, True, True, has_z, 2, 37, 20, 2, bs)
+  assert cfg.splits == (3 if backend == "gpu" and splits is None else 1)
   cfg = dataclasses.replace(cfg, poison=True)
   z = arrs["z"] if has_z else None
   _, args = ssp._prepare(cfg, arrs["u"], arrs["delta"], arrs["A"], arrs["B"],
@@ -278,10 +362,8 @@ PRODUCTION = {
 }
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("model", sorted(PRODUCTION))
-@pytest.mark.parametrize("grad", [False, True])
-def test_lowering(platform, model, grad):
+def _export(platform, model, grad, block_sizes=None):
+  """MLIR text of the forward (or its gradient) exported for `platform`."""
   b, length, dim, groups, state = PRODUCTION[model]
   bf, f32 = jnp.bfloat16, jnp.float32
   sds = jax.ShapeDtypeStruct
@@ -291,7 +373,8 @@ def test_lowering(platform, model, grad):
 
   def fwd(u, delta, A, B, C, D, z, bias):
     return ss.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias,
-                             delta_softplus=True, return_last_state=True)
+                             delta_softplus=True, return_last_state=True,
+                             block_sizes=block_sizes)
 
   def loss(*xs):
     y, last = fwd(*xs)
@@ -300,15 +383,35 @@ def test_lowering(platform, model, grad):
   fn = jax.grad(loss, argnums=tuple(range(8))) if grad else fwd
   exp = export.export(jax.jit(fn), platforms=(platform,),
                       disabled_checks=[TRITON])(*args)
-  text = exp.mlir_module()
-  n_kernels = 2 if grad else 1
+  return exp.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("model", sorted(PRODUCTION))
+@pytest.mark.parametrize("grad", [False, True])
+def test_lowering(platform, model, grad):
+  text = _export(platform, model, grad)
   if platform == "cuda":
-    assert text.count("__gpu$xla.gpu.triton") == n_kernels
+    # Auto splits > 1 at both shapes: the local passes run too.
+    assert text.count("__gpu$xla.gpu.triton") == (4 if grad else 2)
     assert "mosaic_gpu" not in text
+    assert "selective_scan_fwd_local" in text
+    assert ("selective_scan_bwd_local" in text) == grad
   else:
-    assert text.count("tpu_custom_call") == n_kernels
+    assert text.count("tpu_custom_call") == (2 if grad else 1)
+    assert "_local" not in text
   assert "selective_scan_fwd" in text
   assert ("selective_scan_bwd" in text) == grad
+
+
+@pytest.mark.parametrize("splits,n_kernels", [(1, 2), (6, 4)])
+def test_lowering_cuda_splits(splits, n_kernels):
+  """Forward and backward lower with one sequential pass and with segments
+  of 3 chunks (192 rows: blocks that are not a power of two)."""
+  text = _export("cuda", "LaMamba-Diff-XL", True,
+                 ss.BlockSizes(splits=splits))
+  assert text.count("__gpu$xla.gpu.triton") == n_kernels
+  assert ("_local" in text) == (splits > 1)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -337,11 +440,13 @@ def test_bad_input_raises(bad, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("splits", [None, 1])
 @pytest.mark.parametrize("dtype,tol_fwd,tol_grad", [
     (jnp.float32, 1e-4, 1e-4), (jnp.bfloat16, 1e-2, 2e-2)])
-def test_gpu_matches_reference(dtype, tol_fwd, tol_grad):
+def test_gpu_matches_reference(dtype, tol_fwd, tol_grad, splits):
   arrs = _inputs(2, 1000, 320, 2, 16, dtype=dtype, seed=9)
+  bs = ss.BlockSizes(splits=splits)
   run = lambda **a: ss.selective_scan(return_last_state=True, impl="pallas",
-                                      **a)
+                                      block_sizes=bs, **a)
   kw = _kwargs(arrs, True, True, True, True)
   _check_against_reference(run, arrs, kw, tol_fwd, tol_grad)
