@@ -223,8 +223,9 @@ class TFDSImages(_CroppedImages):
                        f"not {split!r}")
     random_access = tfds.core.file_adapters.FileFormat.with_random_access()
     if not info.available_file_formats() & random_access:
+      stored = info.file_format.value if info.file_format else "tfrecord"
       raise ValueError(
-          f"dataset {where} is stored as {info.file_format.value}, which has "
+          f"dataset {where} is stored as {stored}, which has "
           f"no random access and needs TensorFlow to read; add an ArrayRecord "
           f"copy once with `tfds convert_format --dataset_version_dir "
           f"{builder.data_dir} --out_file_format array_record` (needs "

@@ -327,3 +327,24 @@ def test_extract_latents_reads_tfds_imagenet2012(ilsvrc, tmp_path):
   with open(os.path.join(out, "latent_stats.json")) as fh:
     stats = json.load(fh)
   assert (stats["num_images"], stats["num_classes"]) == (12, 1000)
+
+
+@pytest.mark.slow  # ~50 s of compiling; the fast tests cover the same reads
+def test_trains_on_imagenet_pixels(ilsvrc, tiny_config, tmp_path):
+  # The config route: data.name picks a pixel dataset, data.data_dir the
+  # prepared TFDS dir; flips on. A 16px spec keeps the model tiny.
+  from jdit import train as train_lib  # pylint: disable=g-import-not-at-top
+  spec = imagenet.register("test_imagenet16", 16)
+  try:
+    c = tiny_config
+    c.data.update(name="test_imagenet16", data_dir=ilsvrc.tfds_dir, flip=True)
+    c.model.update(input_size=16, in_channels=3, num_classes=1000)
+    c.batch_size, c.total_steps = 8, 2
+    train_lib.run(c, str(tmp_path))
+  finally:
+    data.DATASETS.pop("test_imagenet16")
+  assert spec.shape == (16, 16, 3)
+  with open(tmp_path / "metrics.jsonl") as fh:
+    rows = [json.loads(line) for line in fh]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows)
