@@ -8,7 +8,7 @@
       --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256
 
 Neither source needs TensorFlow; a TFDS one must be prepared as ArrayRecord
-(jdit.data.prepare_imagenet builds imagenet2012 so from the ILSVRC2012
+(jdit.data.prepare_imagenet builds imagenet2012 that way from the ILSVRC2012
 tars). Images get ADM's centre crop (jdit.data.imagenet); with --flip both
 (the default, as fast-DiT does) each image is stored twice, as example 2i and
 its horizontal mirror as example 2i + 1, so training needs no flips of its

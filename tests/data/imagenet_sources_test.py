@@ -2,8 +2,8 @@
 files -> ADM centre crop -> flips -> batches by step, split over hosts.
 
 The `ilsvrc` fixture is a miniature ILSVRC2012 as image-net.org ships it: a
-train tar of per-class <wnid>.tar and a flat val tar of ILSVRC2012_val_%08d.JPEG,
-with the two kinds of odd files tfds' builder re-encodes (a CMYK JPEG and a
+train tar of per-class <wnid>.tar and a flat val tar of
+ILSVRC2012_val_%08d.JPEG, with the two kinds of odd files tfds' builder re-encodes (a CMYK JPEG and a
 PNG named .JPEG) under their real ImageNet names. The same files are also laid
 out as train/<wnid>/ and val/<wnid>/ folders, and the tars are prepared into a
 TFDS data dir by jdit.data.prepare_imagenet.
