@@ -8,7 +8,8 @@
          --folder /data/imagenet/train --image_size 256 \\
          --vae /ckpt/sd-vae-ft-ema --out /data/latents/imagenet256
 
-   or from TFDS's prepared imagenet2012 (needs `pip install tensorflow-cpu`):
+   or from TFDS's imagenet2012 in ArrayRecord (no TensorFlow needed; build it
+   from the ILSVRC tars with `python -m jdit.data.prepare_imagenet`):
 
      python -m jdit.data.extract_latents --source imagenet2012 \\
          --data_dir ~/tensorflow_datasets --image_size 256 \\
