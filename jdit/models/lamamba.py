@@ -7,7 +7,8 @@ configs/LaMamba-DIff-XL.yaml); no code is copied. The token mixers are the
 registered `mamba` and `window` mixers (the paper's windows are Swin's;
 attn_mixer="local" swaps in CLEAR's neighbourhood attention, a Pallas
 kernel on GPU/TPU). Patch merging/expanding and the output layer are in
-lamamba_layers.py. S/B/L widths are our choice (see SIZES).
+lamamba_layers.py. S/B/L widths are our choice (see SIZES; the FLOPs note
+beside it explains our count against the paper's).
 
 LaMamba block (adaLN-Zero, nine modulation vectors from the condition
 projected to the stage width):
@@ -24,13 +25,23 @@ encoder with one more block each (the SD U-Net design), patch expanding
 final expand to pixels, adaLN and a linear to C_out. The condition
 (timestep + label embedding) has the bottleneck width 4C.
 
+The Mamba mixer is the official SS2D setting (configs/LaMamba-DIff-XL.yaml,
+model/vmamba.py): in_proj to x and the gate z (2 x width each), a bias-free
+3x3 depthwise 2D conv on x,
+four scan directions (the rows snake forward and backward and the columns
+snake forward and backward, the code's "continuous" scan) batched into one
+selective scan, d_state 1, dt_rank ceil(D/16), a LayerNorm on the merged
+output, the silu(z) gate and out_proj (MAMBA_OPTIONS).
+
 Where we differ from the official code (our choices, also in the docstrings
-below): the Mamba mixer scans 2 of VMamba-SS2D's 4 snake ("continuous")
-directions with a causal 1D conv instead of a 3x3 depthwise conv; window
-attention has no relative position bias and its odd ("shifted") blocks shift
-half of the heads (the `window` mixer's convention) instead of all; norms in
-blocks are affine-free (adaLN supplies scale/shift); the MLP uses tanh-GELU;
-the last linear is zero-initialised so a fresh model outputs exactly zero.
+below): its two column snakes start in the bottom row, ours in the top (the
+rows snake of the transposed grid; same four-direction structure); the
+directions' outputs are averaged, not summed (the LayerNorm after them
+removes the scale); window attention has no relative position bias and its
+odd ("shifted") blocks shift half of the heads (the `window` mixer's
+convention) instead of all; norms in blocks are affine-free (adaLN supplies
+scale/shift); the MLP uses tanh-GELU; the last linear is zero-initialised so
+a fresh model outputs exactly zero.
 """
 from __future__ import annotations
 
@@ -49,10 +60,11 @@ from jdit.models.lamamba_layers import (FinalLayer, PatchExpanding,
                                         PatchMerging, norm)
 from jdit.models.registry import register_model
 
-# The mamba mixer options of the paper's SS2D: d_state 1, ssm_ratio 2,
-# conv 3, dt_rank ceil(D/16); zigzag both ways = its two row snakes.
+# The official SS2D (see the module docstring): zigzag is its "continuous"
+# row snake, cross_scan adds the column snakes, bidirectional their reverses.
 MAMBA_OPTIONS = {"state": 1, "expand": 2, "d_conv": 3, "dt_rank": 0,
-                 "scan_order": "zigzag", "bidirectional": True}
+                 "scan_order": "zigzag", "bidirectional": True,
+                 "cross_scan": True, "conv": "depthwise2d", "out_norm": True}
 
 
 class LaMambaBlock(nn.Module):
@@ -303,23 +315,30 @@ class LaMambaDiff(ImageBackbone, nn.Module):
     return float(total)
 
 
-# Sizes: (first-stage width C, heads). XL is the official configuration
-# (configs/LaMamba-DIff-XL.yaml and train_lamamba.sh: C=320, 16 heads,
-# depths 2-2-2-2, bottleneck 2, window 8, patch 1, d_state 1). The public
-# code has no S/B/L configs and we could not read the paper's size table, so
-# S/B/L are our choice: the same U-Net with C chosen so the parameter count
-# matches the DiT of the same letter (S 33M, B 130M, L 458M), as the paper
-# compares sizes at comparable parameters; heads keep a first-stage head dim
-# of 17-20 like XL.
+# Sizes: (first-stage width C, heads). The paper compares four sizes, S, B,
+# L and XL, with the DiT of the same letter at 256px (comparable parameters,
+# fewer GFLOPs); only XL's configuration is public (configs/LaMamba-DIff-
+# XL.yaml and train_lamamba.sh: C=320, 16 heads, depths 2-2-2-2, bottleneck
+# 2, window 8, patch 1, d_state 1) and the paper's size table was not in the
+# copies we could read, so the S/B/L widths are our choice: the same U-Net
+# with C chosen so the parameter count matches the DiT of the same letter
+# (S 33M, B 130M, L 458M; ours 34M, 133M, 472M), heads keeping a first-stage
+# head dim of 17-20 like XL. XL has 652M parameters (DiT-XL/2: 675M).
 SIZES = {"S": (72, 4), "B": (144, 8), "L": (272, 16), "XL": (320, 16)}
 
-# Reference numbers at 256px (32x32x4 latents), for tests and benchmarks:
-# DiT-XL/2 is 118.64 GMACs; LaMamba-Diff-XL uses 57.6% fewer GFLOPs at 256
-# and 61.6% fewer than DiT-XL/2 (524.6 GMACs) at 512 (paper abstract/results
-# as quoted by digests of arXiv 2408.02615; the paper's GFLOPs are fvcore
-# multiply-adds, like DiT's).
-PAPER_GMACS = {("LaMamba-Diff-XL", 32): 118.64 * (1 - 0.576),
-               ("LaMamba-Diff-XL", 64): 524.6 * (1 - 0.616)}
+# FLOPs. The paper quotes XL's GFLOPs (fvcore multiply-adds, like DiT's) as
+# 57.6% fewer than DiT-XL/2's 118.64 at 256px and 61.6% fewer than its 524.6
+# at 512px (results quoted by digests of arXiv 2408.02615; the abstract says
+# "up to 62%"): 50.3 and 201.4, in jdit.models.flops.PAPER_GMACS, which the
+# FLOP CLI prints beside ours. Ours for XL, 45.6 and 181.9, are 0.91x those.
+# Counting what the paper counts (fvcore on the official code: matmuls and
+# convs as MACs, LayerNorms as 5 per element, the selective scan as
+# 9 N + 1 per channel and direction, VMamba's flops_selective_scan_fn)
+# gives 45.9 and 183.0 with the released d_state N = 1, but 50.5 and 201.2
+# with N = 16, the default of the official config.py (VMamba's): within 0.4%
+# of the paper's. So the paper's GFLOPs match a d_state 16 model, while its
+# released XL config trains d_state 1, which we follow;
+# tests/models/lamamba_test.py reproduces both counts.
 
 for _size, (_width, _heads) in SIZES.items():
   register_model(f"LaMamba-Diff-{_size}", LaMambaDiff, embed_dim=_width,

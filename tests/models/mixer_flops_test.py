@@ -57,14 +57,20 @@ def _expected_xla(name, options):
   if name == "mamba":  # XLA counts one of the L scan steps per direction
     mixer = get_mixer("mamba")(num_heads=HEADS, **options)
     length, inner = math.prod(GRID), mixer.expand * DIM
-    dirs = 2 if mixer.bidirectional else 1
-    flops -= 2 * dirs * 3 * mixer.state * inner * (length - 1)
+    flops -= (2 * mixer.num_directions * 3 * mixer.state * inner
+              * (length - 1))
   return flops
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
-def test_mixer_analytic_count_matches_xla(name):
-  options = OPTIONS.get(name, {})
+# VMamba's SS2D as LaMamba-Diff uses it: 4 directions, a 2D conv, out norm.
+SS2D = {"state": 1, "d_conv": 3, "scan_order": "zigzag", "cross_scan": True,
+        "conv": "depthwise2d", "out_norm": True}
+
+
+@pytest.mark.parametrize("name,options", [
+    (name, OPTIONS.get(name, {})) for name in sorted(MIXERS)] + [
+        ("mamba", SS2D)])
+def test_mixer_analytic_count_matches_xla(name, options):
   expected = _expected_xla(name, options)
   xla = _xla_flops(name, options)
   # XLA adds elementwise work, never less than the matmuls.

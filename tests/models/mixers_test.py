@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jdit import models
-from jdit.models import local_mixers, ssm_mixers
+from jdit.models import local_mixers, scan_orders
 from jdit.models.mixers import MIXERS, get_mixer
 
 GRID = (8, 8)
@@ -216,8 +216,12 @@ def test_shifted_windows_match_explicit_mask(grid, window, shift):
 
 
 def _swap_directions(params):
-  p = dict(params["params"])
-  p["forward"], p["backward"] = p["backward"], p["forward"]
+  # Per-direction parameters are stacked on axis 0 (the conv taps on 1).
+  p = dict(nn.unbox(params)["params"])
+  for name in ("x_proj", "dt_proj", "dt_bias", "A_log", "D"):
+    p[name] = p[name][::-1]
+  p["conv1d"] = {"kernel": p["conv1d"]["kernel"][:, ::-1],
+                 "bias": p["conv1d"]["bias"][::-1]}
   return {"params": p}
 
 
@@ -238,7 +242,7 @@ def test_mamba_forward_only_is_causal_in_scan_order(order):
   x = _x(batch=1)
   mixer = _make("mamba", bidirectional=False, scan_order=order)
   params = _init(mixer, x)
-  perm = ssm_mixers.scan_permutation(GRID, order)
+  perm = scan_orders.scan_permutation(GRID, order)
   i = 20  # position in scan order
   jac = jax.grad(lambda x: _apply(mixer, params, x)[0, perm[i]].sum())(x)
   dep = np.abs(np.asarray(jac[0])).sum(-1)[perm]
@@ -246,7 +250,7 @@ def test_mamba_forward_only_is_causal_in_scan_order(order):
 
 
 def test_zigzag_order_snakes_rows():
-  perm = ssm_mixers.scan_permutation((3, 4), "zigzag")
+  perm = scan_orders.scan_permutation((3, 4), "zigzag")
   np.testing.assert_array_equal(perm, [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11])
 
 
