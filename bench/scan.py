@@ -12,12 +12,20 @@ Roof bytes (the least HBM traffic any implementation needs):
 GB/s = roof bytes / time; `copy_ratio` divides that by the device's copy
 bandwidth measured in the same run (2 x bytes / time of x + 1).
 
+The Pallas kernel runs once per `--splits` value (GPU time segments run as
+parallel programs; 1 = one sequential program per (batch, channel tile),
+auto = enough segments to fill the GPU), each in the same process as the
+baselines; records give the resolved config with the number of programs
+per pallas_call, and `speedup_vs_pallas_splits1` where splits=1 ran first.
+
   python bench/scan.py                 # GPU/TPU: the full table
+  python bench/scan.py --splits 1,auto,8,32
   python bench/scan.py --smoke         # tiny, any device (CPU: interpret)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -31,8 +39,9 @@ from pallas_kernels.selective_scan import selective_scan_associative
 from pallas_kernels.selective_scan import selective_scan_reference
 
 FULL_SHAPES = [(8, length, dim, 1, 16) for length in (1024, 4096)
-               for dim in (1536, 2304)]
-SMOKE_SHAPES = [(2, 40, 24, 1, 4)]
+               for dim in (1536, 2304)] + [(2, 1024, 2304, 1, 16),
+                                           (2, 4096, 1536, 1, 16)]
+SMOKE_SHAPES = [(2, 160, 24, 1, 4)]  # 3 chunks: auto splits 3
 
 
 def make_inputs(shape, dtype):
@@ -57,7 +66,15 @@ def roof_bytes(args, backward):
   return (inputs + y) + (inputs + y) + inputs
 
 
-def _fns(block_sizes):
+def _pallas_names(splits_list):
+  """impl name -> BlockSizes.splits for each --splits value."""
+  if len(splits_list) == 1:
+    return {"pallas": splits_list[0]}
+  return {f"pallas:splits={'auto' if v is None else v}": v
+          for v in splits_list}
+
+
+def _fns(block_sizes, splits_list):
   """name -> f(u, delta, A, B, C, D, z, bias) -> y."""
 
   def wrap(scan, **extra):
@@ -66,11 +83,27 @@ def _fns(block_sizes):
                   delta_softplus=True, **extra)
     return f
 
-  return {
-      "pallas": wrap(selective_scan, impl="pallas", block_sizes=block_sizes),
+  fns = {
       "reference": wrap(selective_scan_reference),
       "associative": wrap(selective_scan_associative),
   }
+  for name, splits in _pallas_names(splits_list).items():
+    bs = dataclasses.replace(block_sizes, splits=splits)
+    fns[name] = wrap(selective_scan, impl="pallas", block_sizes=bs)
+  return fns
+
+
+def _config_record(block_sizes, shape, platform):
+  backend = "tpu" if platform == "tpu" else "gpu"
+  b, length, dim, groups, _ = shape
+  cfg = ssp.make_config(backend, False, True, True, b, length, dim, groups,
+                        block_sizes)
+  rec = dict(block_d=cfg.block_d, chunk=cfg.chunk, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages, unroll=cfg.unroll)
+  if backend == "gpu":
+    rec.update(splits=cfg.splits, split_chunks=cfg.split_chunks)
+  rec["programs"] = ssp.num_programs(cfg, b, dim, groups)
+  return rec
 
 
 def _fwd_bwd(f):
@@ -79,9 +112,11 @@ def _fwd_bwd(f):
   return jax.grad(loss, argnums=tuple(range(8)))
 
 
-def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
+def run(shapes, dtype, iters, block_sizes, impls, splits_list, copy_gbs):
   device = jax.devices()[0]
-  fns = _fns(block_sizes)
+  fns = _fns(block_sizes, splits_list)
+  pallas = _pallas_names(splits_list)
+  impls = [n for i in impls for n in (pallas if i == "pallas" else [i])]
   for shape in shapes:
     args = make_inputs(shape, dtype)
     for backward in (False, True):
@@ -95,22 +130,19 @@ def run(shapes, dtype, iters, block_sizes, impls, copy_gbs):
                                    "state"), shape)),
                    dtype=jnp.dtype(dtype).name, device=device.device_kind,
                    platform=device.platform, jax=jax.__version__)
-        if name == "pallas":
-          backend = "tpu" if device.platform == "tpu" else "gpu"
-          cfg = ssp.make_config(backend, False, True, True, shape[0],
-                                shape[2], shape[3], block_sizes)
-          rec["config"] = dict(block_d=cfg.block_d, chunk=cfg.chunk,
-                               num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages, unroll=cfg.unroll)
+        if name in pallas:
+          bs = dataclasses.replace(block_sizes, splits=pallas[name])
+          rec["config"] = _config_record(bs, shape, device.platform)
           if device.platform == "cpu":
             rec["note"] = "interpret mode (no accelerator): not kernel time"
         ms = time_bandwidth(rec, jax.jit(f), args, iters, nbytes, copy_gbs)
         if ms is None:
           continue
         times[name] = ms
-        for base in ("reference", "associative"):
+        for base in ("reference", "associative", "pallas:splits=1"):
           if base != name and base in times:
-            rec[f"speedup_vs_{base}"] = round(times[base] / ms, 3)
+            key = base.replace(":", "_").replace("=", "")
+            rec[f"speedup_vs_{key}"] = round(times[base] / ms, 3)
         print(json.dumps(rec), flush=True)
 
 
@@ -130,6 +162,9 @@ def main():
   p.add_argument("--num_warps", type=int, default=None, help="default: auto")
   p.add_argument("--num_stages", type=int, default=BlockSizes.num_stages)
   p.add_argument("--unroll", type=int, default=BlockSizes.unroll)
+  p.add_argument("--splits", default="1,auto",
+                 help="comma list of GPU time splits, each an int or auto; "
+                 "the kernel runs once per value")
   a = p.parse_args()
   if a.shape:
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape]
@@ -139,7 +174,9 @@ def main():
   bs = BlockSizes(block_d=a.block_d, chunk=a.chunk, num_warps=a.num_warps,
                   num_stages=a.num_stages, unroll=a.unroll)
   copy_gbs = copy_bandwidth_gbs((1 << 20) if a.smoke else (1 << 30), iters)
-  run(shapes, jnp.dtype(a.dtype), iters, bs, a.impls.split(","), copy_gbs)
+  splits = [None if v == "auto" else int(v) for v in a.splits.split(",")]
+  run(shapes, jnp.dtype(a.dtype), iters, bs, a.impls.split(","), splits,
+      copy_gbs)
 
 
 if __name__ == "__main__":

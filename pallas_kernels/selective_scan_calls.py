@@ -3,6 +3,36 @@ XLA recurrences over time segments between them.
 
 The kernel bodies and the padded layout they expect are described in
 selective_scan_kernels.py.
+
+GPU (Triton): grid (batch, channel tiles, splits). The padded time axis is
+cut into `splits` segments of `split_chunks` chunks each, run as parallel
+programs. With splits == 1 the forward and the backward are one kernel
+each, sequential in time per (batch, tile). With splits = S > 1:
+  forward
+    selective_scan_fwd_local  segments 0..S-2 from a zero state: the end
+                              state and the sum of dt per channel (the
+                              segment's decay is exp(A * sum dt));
+    XLA                       the true initial state of each segment:
+                              h_s = decay_{s-1} h_{s-1} + local_{s-1}
+                              (associative scan over S-1 elements);
+    selective_scan_fwd        every segment from its true initial state:
+                              y, the chunk-boundary states (the backward's
+                              residuals), the last state (last segment).
+  backward
+    selective_scan_bwd_local  segments 1..S-1 in reverse from a zero state
+                              gradient: the gradient at the segment start,
+                              and the sum of dt;
+    XLA                       the state gradient at each segment's end, the
+                              transposed recurrence (reverse scan) from
+                              the last-state cotangent;
+    selective_scan_bwd        every segment in reverse from that gradient,
+                              recomputing each chunk's states from its saved
+                              boundary state (never inverting the
+                              recurrence): du, ddelta, dz; dB/dC partial
+                              rows per channel tile; dA/dD/dbias partials
+                              per (batch, segment), summed by the caller.
+TPU (Mosaic): grid (batch, channel tiles, chunks), the chunk axis
+"arbitrary" (sequential) with the carry in VMEM scratch; splits is 1.
 """
 from __future__ import annotations
 
@@ -13,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _backend
 from pallas_kernels import selective_scan_kernels as k
+from pallas_kernels import selective_scan_local as loc_k
 from pallas_kernels.selective_scan_kernels import Config
 
 F32 = jnp.float32
@@ -162,7 +193,8 @@ def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
   if cfg.backend == "gpu" and cfg.splits > 1:
     # Phase 1: every segment but the last from a zero state.
     ns = cfg.splits - 1
-    loc = _run(cfg, (k.fwd_local_kernel, k.FWD_LOCAL_IN, k.FWD_LOCAL_OUT),
+    loc = _run(cfg, (loc_k.fwd_local_kernel, loc_k.FWD_LOCAL_IN,
+                     loc_k.FWD_LOCAL_OUT),
                _specs(cfg, dims, local="fwd"), arrays, _ROLES,
                [("hloc", sds((bsz, ns, np_, dp), F32), "sstate"),
                 ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
@@ -174,7 +206,7 @@ def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
   s = _specs(cfg, dims)
   scratch = ([] if cfg.backend == "gpu" else
              [pltpu.VMEM((np_, cfg.block_d), F32)])
-  out = _run(cfg, (k.fwd_kernel, k._FWD_IN, k._FWD_OUT), s, arrays, _ROLES,
+  out = _run(cfg, (k.fwd_kernel, k.FWD_IN, k.FWD_OUT), s, arrays, _ROLES,
              [("y", sds(u.shape, u.dtype), "seq"),
               ("last", sds((bsz, np_, dp), F32), "last"),
               ("states", sds((bsz, nc, np_, dp), F32), "states")],
@@ -190,7 +222,8 @@ def _state_grads(cfg, dims, arrays, A, dlast):
   sds = jax.ShapeDtypeStruct
   ns = cfg.splits - 1
   # Every segment but the first, in reverse from a zero gradient.
-  loc = _run(cfg, (k.bwd_local_kernel, k.BWD_LOCAL_IN, k.BWD_LOCAL_OUT),
+  loc = _run(cfg, (loc_k.bwd_local_kernel, loc_k.BWD_LOCAL_IN,
+                   loc_k.BWD_LOCAL_OUT),
              _specs(cfg, dims, local="bwd"), arrays, _ROLES,
              [("dhloc", sds((bsz, ns, np_, dp), F32), "sstate"),
               ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
@@ -228,7 +261,7 @@ def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
           ("dbias", sds((bsz, ns, 1, dp), F32), "svec"),
           ("dB", sds((bsz, nt, lp, np_), F32), "pbc"),
           ("dC", sds((bsz, nt, lp, np_), F32), "pbc")]
-  names = list(k._BWD_OUT)
+  names = list(k.BWD_OUT)
   if cfg.backend == "gpu":
     # Triton has no scratch: the recomputed per-chunk states go to HBM
     # (per program, so it stays partly in L2).
@@ -238,7 +271,7 @@ def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
   else:
     scratch = [pltpu.VMEM((np_, cfg.block_d), F32),
                pltpu.VMEM((cfg.chunk, np_, cfg.block_d), F32)]
-  out = _run(cfg, (k.bwd_kernel, k._BWD_IN, tuple(names)), s, arrays,
+  out = _run(cfg, (k.bwd_kernel, k.BWD_IN, tuple(names)), s, arrays,
              _ROLES, outs, scratch, "selective_scan_bwd")
   return (out["du"], out["ddelta"], out.get("dz"), out["dA"], out["dD"],
           out["dbias"], out["dB"], out["dC"])

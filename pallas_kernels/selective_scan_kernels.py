@@ -1,7 +1,7 @@
 """Pallas kernel bodies for the Mamba-1 selective scan (forward, backward).
 
 The pallas_calls (grids, BlockSpecs) that run them, and the XLA recurrences
-over splits between them, are in selective_scan_calls.py.
+over time segments between them, are in selective_scan_calls.py.
 
 Layout inside the kernels (built by selective_scan_pallas.py): time-major
 rows, channels on the minor (lane) axis, the state as an (N, bd) f32 tile.
@@ -15,34 +15,15 @@ Time is left-padded with zeros (u = 0 keeps h = 0 there, so padding needs
 no mask and contributes nothing to any gradient); channels are padded per
 group with zeros for the same reason.
 
-Program structures sharing the per-timestep code:
-  "gpu": grid (batch, channel tiles, splits). The time axis is cut into
-    `splits` segments of `split_chunks` chunks; a program loops over its
-    segment's chunks sequentially (Triton has no scratch memory and no
-    sequential grid axis). With splits == 1 this is one pass per
-    (batch, tile) over the whole sequence. With splits > 1 the forward is
-      fwd_local_kernel  each segment (but the last) from a zero state:
-                        its end state and sum of dt (the segment's decay is
-                        exp(A * sum dt), elementwise);
-      (XLA)             the true initial state of each segment, a linear
-                        recurrence over segments;
-      fwd_kernel        each segment again from its true initial state:
-                        y, the chunk-boundary states, the last state;
-    and the backward is
-      bwd_local_kernel  each segment (but the first) in reverse from a zero
-                        state gradient: the gradient at its start, and its
-                        sum of dt;
-      (XLA)             the state gradient at each segment's end, the
-                        transposed recurrence over segments;
-      bwd_kernel        each segment in reverse from that gradient,
-                        recomputing states per chunk from the saved
-                        boundary states (never inverting the recurrence)
-                        into an HBM work output: du, ddelta, dz rows,
-                        dB/dC partial rows per channel tile, dA/dD/dbias
-                        partials per program (reduced in XLA).
+Program structures sharing the per-timestep code (the passes and their
+order are described in selective_scan_calls.py):
+  "gpu": grid (batch, channel tiles, splits): a program loops sequentially
+    over the chunks of its time segment (Triton has no scratch memory and
+    no sequential grid axis); the backward's per-chunk recomputed states
+    go to an HBM work output. fwd_local_kernel / bwd_local_kernel carry
+    only the state (gradient) from zero through a segment, for splits > 1.
   "tpu": grid (batch, channel tiles, chunks) with the chunk axis
-    "arbitrary"; the carry and the work buffer live in VMEM scratch
-    (splits is always 1 there).
+    "arbitrary"; the carry and the work buffer live in VMEM scratch.
 """
 from __future__ import annotations
 
@@ -80,7 +61,7 @@ class Config:
     return self.split_chunks * self.chunk
 
 
-class _Rows:
+class Rows:
   """Per-timestep row access that lowers on both Triton and Mosaic.
 
   Triton handles 1D vectors and [:, None] natively. Mosaic dislikes 1D
@@ -122,7 +103,7 @@ def _softplus(x):
   return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _dt(cfg, rows, refs, t, bias):
+def step_dt(cfg, rows, refs, t, bias):
   """(dt after bias/softplus, raw dt) rows of timestep t."""
   dt_raw = rows.row(refs["delta"], t) + bias
   return (_softplus(dt_raw) if cfg.softplus else dt_raw), dt_raw
@@ -131,12 +112,12 @@ def _dt(cfg, rows, refs, t, bias):
 def _step_inputs(cfg, rows, refs, t, bias, need_c=True):
   """Loads timestep t: u, dt (post bias/softplus), raw dt, B and C cols."""
   u = rows.row(refs["u"], t)
-  dt, dt_raw = _dt(cfg, rows, refs, t, bias)
+  dt, dt_raw = step_dt(cfg, rows, refs, t, bias)
   c = rows.col(refs["C"], t) if need_c else None
   return u, dt, dt_raw, rows.col(refs["B"], t), c
 
 
-def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
+def fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
                work=None, dtsum=None):
   """Runs cfg.chunk timesteps from h; optionally stores y or pre-states.
 
@@ -170,11 +151,11 @@ def _fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
 
     return (h, dts), store
 
-  h, dts = _unrolled_loop(cfg, load, compute, (h, dtsum))
+  h, dts = unrolled_loop(cfg, load, compute, (h, dtsum))
   return h if dtsum is None else (h, dts)
 
 
-def _unrolled_loop(cfg, load, compute, carry, reverse=False):
+def unrolled_loop(cfg, load, compute, carry, reverse=False):
   """fori_loop over the chunk, cfg.unroll timesteps per iteration.
 
   Each iteration issues all its loads first, then runs the dependent
@@ -244,39 +225,15 @@ def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
 
     return (dh * a, da, dd, db), store
 
-  return _unrolled_loop(cfg, load, compute, carry, reverse=True)
+  return unrolled_loop(cfg, load, compute, carry, reverse=True)
 
 
-def _bwd_local_chunk(cfg, rows, refs, carry, a2, bias, t0):
-  """Reverse loop over one chunk carrying only the state gradient (and the
-  sum of dt): dh <- (dh + C_t g_t) * exp(dt_t A)."""
-
-  def load(i):
-    t = t0 + i
-    z = rows.row(refs["z"], t) if cfg.has_z else None
-    return (_dt(cfg, rows, refs, t, bias)[0], rows.col(refs["C"], t),
-            rows.row(refs["dy"], t), z)
-
-  def compute(i, loaded, carry):
-    del i
-    dh, dts = carry
-    dt, c, g, z = loaded
-    if z is not None:
-      g = g * (z * jax.nn.sigmoid(z))
-    return ((dh + c * g) * jnp.exp2(dt * a2), dts + dt), lambda: None
-
-  return _unrolled_loop(cfg, load, compute, carry, reverse=True)
-
-
-_FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "init")
-_FWD_OUT = ("y", "last", "states")
-_BWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "states", "dy",
+FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "init")
+FWD_OUT = ("y", "last", "states")
+BWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "states", "dy",
            "dend")
-_BWD_OUT = ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC")
-FWD_LOCAL_IN = ("u", "delta", "A", "B", "bias")
-FWD_LOCAL_OUT = ("hloc", "dtsum")
-BWD_LOCAL_IN = ("delta", "z", "A", "C", "bias", "dy")
-BWD_LOCAL_OUT = ("dhloc", "dtsum")
+BWD_OUT = ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC")
+
 
 
 def present(cfg, names):
@@ -289,40 +246,22 @@ def present(cfg, names):
   return [k for k in names if k not in gone]
 
 
-def _bind(cfg, in_names, out_names, refs):
+def bind(cfg, in_names, out_names, refs):
   """Named refs (dict) and the remaining (scratch/work) refs."""
   names = present(cfg, in_names) + present(cfg, out_names)
   return dict(zip(names, refs)), refs[len(names):]
 
 
-def fwd_local_kernel(cfg, *refs):
-  """Phase 1 (GPU, splits > 1): one segment from a zero state."""
-  r, _ = _bind(cfg, FWD_LOCAL_IN, FWD_LOCAL_OUT, refs)
-  a2 = r["A"][...] * LOG2E
-  bias = r["bias"][...]
-  rows = _Rows(cfg, a2.shape[0])
-
-  def chunk(c, carry):
-    h, dts = carry
-    return _fwd_chunk(cfg, rows, r, h, a2, None, bias, c * cfg.chunk,
-                      write_y=False, dtsum=dts)
-
-  init = (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32))
-  h, dts = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
-  r["hloc"][...] = h
-  r["dtsum"][...] = dts
-
-
 def fwd_kernel(cfg, *refs):
-  r, extra = _bind(cfg, _FWD_IN, _FWD_OUT, refs)
+  r, extra = bind(cfg, FWD_IN, FWD_OUT, refs)
   a2 = r["A"][...] * LOG2E  # exp(dt*A) = exp2(dt*A*log2 e)
   dvec, bias = r["D"][...], r["bias"][...]
-  rows = _Rows(cfg, a2.shape[0])
+  rows = Rows(cfg, a2.shape[0])
   if cfg.backend == "gpu":
 
     def chunk(c, h):
       r["states"][c] = h
-      return _fwd_chunk(cfg, rows, r, h, a2, dvec, bias, c * cfg.chunk)
+      return fwd_chunk(cfg, rows, r, h, a2, dvec, bias, c * cfg.chunk)
 
     h0 = (r["init"][...] if cfg.splits > 1 else jnp.zeros(a2.shape, F32))
     h = jax.lax.fori_loop(0, cfg.split_chunks, chunk, h0)
@@ -345,7 +284,7 @@ def fwd_kernel(cfg, *refs):
 
   h = h_scr[...]
   r["states"][...] = h
-  h = _fwd_chunk(cfg, rows, r, h, a2, dvec, bias, 0)
+  h = fwd_chunk(cfg, rows, r, h, a2, dvec, bias, 0)
   h_scr[...] = h
 
   @pl.when(c == nc - 1)
@@ -363,30 +302,12 @@ def _barrier(cfg):
     plgpu.debug_barrier()
 
 
-def bwd_local_kernel(cfg, *refs):
-  """Backward phase 1 (GPU, splits > 1): one segment in reverse from a zero
-  state gradient; writes the gradient at its start and its sum of dt."""
-  r, _ = _bind(cfg, BWD_LOCAL_IN, BWD_LOCAL_OUT, refs)
-  a2 = r["A"][...] * LOG2E
-  bias = r["bias"][...]
-  rows = _Rows(cfg, a2.shape[0])
-
-  def chunk(k, carry):
-    t0 = (cfg.split_chunks - 1 - k) * cfg.chunk
-    return _bwd_local_chunk(cfg, rows, r, carry, a2, bias, t0)
-
-  init = (jnp.zeros(a2.shape, F32), jnp.zeros(bias.shape, F32))
-  dh, dts = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
-  r["dhloc"][...] = dh
-  r["dtsum"][...] = dts
-
-
 def bwd_kernel(cfg, *refs):
-  r, extra = _bind(cfg, _BWD_IN, _BWD_OUT, refs)
+  r, extra = bind(cfg, BWD_IN, BWD_OUT, refs)
   a_true = r["A"][...]
   a2 = a_true * LOG2E
   dvec, bias = r["D"][...], r["bias"][...]
-  rows = _Rows(cfg, a2.shape[0])
+  rows = Rows(cfg, a2.shape[0])
   row0 = jnp.zeros(dvec.shape, F32)
   if cfg.backend == "gpu":
     (work,) = extra
@@ -394,7 +315,7 @@ def bwd_kernel(cfg, *refs):
     def chunk(k, carry):
       c = cfg.split_chunks - 1 - k
       t0 = c * cfg.chunk
-      _fwd_chunk(cfg, rows, r, r["states"][c], a2, dvec, bias, t0,
+      fwd_chunk(cfg, rows, r, r["states"][c], a2, dvec, bias, t0,
                  write_y=False, work=work)
       _barrier(cfg)  # work rows written by one thread, read by another
       carry = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
@@ -418,7 +339,7 @@ def bwd_kernel(cfg, *refs):
     r["dD"][...] = row0
     r["dbias"][...] = row0
 
-  _fwd_chunk(cfg, rows, r, r["states"][...], a2, dvec, bias, 0,
+  fwd_chunk(cfg, rows, r, r["states"][...], a2, dvec, bias, 0,
              write_y=False, work=work)
   carry = (dh_scr[...], jnp.zeros(a2.shape, F32), row0, row0)
   dh, da, dd, db = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec,
