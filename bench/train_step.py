@@ -14,7 +14,9 @@ then times --steps steps and blocks on the result. Prints one JSON line:
 
 GPU/TPU: python bench/train_step.py --model DiT-XL/2 --image_size 256 \\
              --batch_size 256 --dtype bfloat16 [--remat none] [--steps 20]
-CPU:     python bench/train_step.py --smoke     # tiny model, seconds
+CPU:     python bench/train_step.py --smoke [--model LaMamba-Diff-S]
+         # the model at its family's smoke size (e.g. a 1-block width-32
+         # DiT; jdit.models.registry.smoke_overrides), 64px, seconds
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 from jdit import diffusion, sharding
 from jdit import train_state as ts
 from jdit.models import build_model
+from jdit.models.registry import smoke_overrides
 
 # Dense bf16 peak TFLOP/s per chip (vendor datasheets; no sparsity).
 DATASHEET_TFLOPS = (
@@ -40,7 +43,6 @@ DATASHEET_TFLOPS = (
     ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0),
     ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),
 )
-SMOKE = dict(depth=1, hidden_size=32, num_heads=2)
 
 
 def _sig(x: float | None, digits: int = 4) -> float | None:
@@ -98,7 +100,7 @@ def _xla_flops(compiled) -> float | None:
 
 
 def bench(args) -> dict:
-  overrides = dict(SMOKE) if args.smoke else {}
+  overrides = smoke_overrides(args.model) if args.smoke else {}
   pixel = args.pixel
   input_size = args.image_size if pixel else args.image_size // 8
   if not pixel and args.image_size % 8:
@@ -231,7 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="n of the n x n bf16 peak matmul; 0 skips it")
   p.add_argument("--matmul_iters", type=int, default=50)
   p.add_argument("--smoke", action="store_true",
-                 help="tiny DiT (depth 1, width 32) at 64px, float32, CPU")
+                 help="the model at its smoke size (its family's "
+                      "smoke_overrides) at 64px, float32, CPU")
   args = p.parse_args(argv)
   if args.smoke:
     defaults = {k: p.get_default(k) for k in vars(args)}

@@ -7,6 +7,11 @@
     python train.py --config configs/lamamba.py:imagenet512   # XL, 64x64x4
     python train.py --config configs/lamamba.py:imagenet256,model=LaMamba-Diff-B
 
+Sizes: the paper defines LaMamba-Diff-S, -B, -L and -XL; only XL's
+configuration is public (width 320, 16 heads, d_state 1), the S/B/L widths
+are our choice, matching the DiT of the same letter in parameters (SIZES in
+jdit/models/lamamba.py). Every size uses the paper's SS2D Mamba mixer.
+
 "digits" (the default) is configs/default.py with a tiny LaMamba-Diff: 8x8
 images at patch 1, two stages (8x8 then 4x4 tokens, widths 32 and 64),
 4x4 windows, a one-block bottleneck: sized for a CPU (tests run 20 steps).

@@ -1,29 +1,66 @@
 """bench/train_step.py runs end to end (tiny model on CPU) and prints JSON."""
 import json
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from jdit import models
+from jdit.models.dit import DiT
+from jdit.models.registry import register_model, smoke_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_step_bench_smoke():
+# The default (a DiT) and one model of the families with their own fields
+# (LaMamba-Diff's stages) or options (DiT-MoE's expert widths).
+@pytest.mark.parametrize("model", [None, "LaMamba-Diff-S", "DiT-MoE-S/2-8E2A"])
+def test_train_step_bench_smoke(model):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
-       "--smoke"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+       "--smoke"] + (["--model", model] if model else []),
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   assert len(lines) == 1, proc.stdout
   row = json.loads(lines[0])
   assert row["what"] == "train_step" and row["platform"] == "cpu"
+  assert row["model"] == (model or "DiT-S/4") and row["smoke"]
   assert row["images_per_sec"] > 0 and row["step_time_ms"] > 0
   assert row["train_gflops_per_image"] > 0 and row["matmul_peak_tflops"] > 0
   assert 0 < row["mfu_vs_matmul_peak"] < 1
   assert row["datasheet_peak_tflops"] is None  # no datasheet for a CPU
   assert row["batch_size"] % row["devices"] == 0
+
+
+def test_every_model_has_smoke_overrides_that_build():
+  """--smoke works for every registered name: its family's overrides fit
+  the smoke's 64px image (8x8 latents). Shapes only (eval_shape)."""
+  for name in sorted(models.MODELS):
+    model = models.build_model(name, input_size=8, in_channels=4,
+                               **smoke_overrides(name))
+    x = jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y)
+    params = sum(math.prod(l.shape) for l in jax.tree.leaves(shapes))
+    assert params < 2e6, (name, params)  # small enough for seconds on a CPU
+
+
+def test_smoke_overrides_errors():
+  with pytest.raises(ValueError, match="unknown model name 'DiT-Q/2'"):
+    smoke_overrides("DiT-Q/2")
+  register_model("test-no-smoke", DiT, depth=1, hidden_size=32, num_heads=2)
+  try:
+    with pytest.raises(ValueError, match="registered no smoke overrides"):
+      smoke_overrides("test-no-smoke")
+  finally:
+    del models.MODELS["test-no-smoke"]
 
 
 def test_datasheet_peaks():

@@ -281,7 +281,12 @@ class DiT(ImageBackbone, nn.Module):
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
              "XL": (28, 1152, 16)}
 
+# Smoke size of every DiT-backbone model (registry.smoke_overrides): one
+# block of width 32, a few MFLOPs per image.
+DIT_SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+
 for _size, (_depth, _width, _heads) in DIT_SIZES.items():
   for _patch in (2, 4, 8):
     register_model(f"DiT-{_size}/{_patch}", DiT, depth=_depth,
-                   hidden_size=_width, num_heads=_heads, patch_size=_patch)
+                   hidden_size=_width, num_heads=_heads, patch_size=_patch,
+                   smoke=DIT_SMOKE)

@@ -39,7 +39,7 @@ token grid at patch 2); pass input_size and mixer_options to change them.
 """
 from __future__ import annotations
 
-from jdit.models.dit import DIT_SIZES, DiT
+from jdit.models.dit import DIT_SIZES, DIT_SMOKE, DiT
 from jdit.models.registry import register_model
 
 # PT-DiT sizes (depth, width, heads), Qihoo-T2X Table 4. Their params (32M,
@@ -51,7 +51,8 @@ PT_DIT_SIZES = {"S": (10, 288, 6), "B": (12, 640, 10), "L": (28, 864, 12),
 def _register(name, size, patch, mixer, options):
   depth, width, heads = DIT_SIZES[size]
   register_model(name, DiT, depth=depth, hidden_size=width, num_heads=heads,
-                 patch_size=patch, mixer=mixer, mixer_options=options)
+                 patch_size=patch, mixer=mixer, mixer_options=options,
+                 smoke=DIT_SMOKE)
 
 
 for _size in DIT_SIZES:
@@ -64,9 +65,11 @@ for _size in DIT_SIZES:
 _register("DiT-XL/2-linear", "XL", 2, "linear",
           {"feature_map": "relu", "conv_kernel": 3})
 for _size, (_depth, _width, _heads) in PT_DIT_SIZES.items():
+  # Smoke: 2x2 proxies, as 8x8 would not divide a small smoke grid.
   register_model(f"PT-DiT-{_size}/2", DiT, depth=_depth, hidden_size=_width,
                  num_heads=_heads, patch_size=2, mixer="proxy",
-                 mixer_options={"proxy_grid": 8})
+                 mixer_options={"proxy_grid": 8},
+                 smoke={**DIT_SMOKE, "mixer_options": {"proxy_grid": 2}})
 _register("DiT-XL/2-KVCompress", "XL", 2, "kv_compress", {"ratio": 2})
 
 # The named efficient models, for tests, benchmarks and the FLOP CLI.

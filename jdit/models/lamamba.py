@@ -340,7 +340,14 @@ SIZES = {"S": (72, 4), "B": (144, 8), "L": (272, 16), "XL": (320, 16)}
 # released XL config trains d_state 1, which we follow;
 # tests/models/lamamba_test.py reproduces both counts.
 
+# Smoke size (registry.smoke_overrides): two stages of width 16 and 32 with
+# one encoder and one decoder block each, no bottleneck; on an 8x8 latent,
+# 4x4 windows at 8x8 tokens and global attention at 4x4.
+SMOKE = {"embed_dim": 16, "num_heads": 2, "depths": (1, 1),
+         "num_downsamples": 1, "bottleneck_depth": 0,
+         "decoder_extra_blocks": 0, "window_size": 4}
+
 for _size, (_width, _heads) in SIZES.items():
   register_model(f"LaMamba-Diff-{_size}", LaMambaDiff, embed_dim=_width,
                  num_heads=_heads, depths=(2, 2, 2, 2), bottleneck_depth=2,
-                 num_downsamples=2, window_size=8, patch_size=1)
+                 num_downsamples=2, window_size=8, patch_size=1, smoke=SMOKE)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.models.dit import DiT
+from jdit.models.dit import DIT_SMOKE, DiT
 from jdit.models.moe import ROUTED_PARAMS
 from jdit.models.registry import register_model
 
@@ -46,7 +46,9 @@ def dit_moe_options(hidden_size: int, num_experts: int, top_k: int = 2,
 for _name, (_depth, _width, _heads, _experts, _, _) in DIT_MOE_SIZES.items():
   register_model(_name, DiT, depth=_depth, hidden_size=_width,
                  num_heads=_heads, patch_size=2, mlp="moe",
-                 mlp_options=dit_moe_options(_width, _experts))
+                 mlp_options=dit_moe_options(_width, _experts),
+                 smoke={**DIT_SMOKE, "mlp_options": dit_moe_options(
+                     DIT_SMOKE["hidden_size"], _experts)})
 
 
 def param_counts(model, input_size: int | None = None) -> tuple[int, int]:
