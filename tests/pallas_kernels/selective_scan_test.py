@@ -198,7 +198,7 @@ def test_interpret_matches_reference_bf16():
 
 
 @pytest.mark.parametrize("chunk,unroll,block_d,splits",
-                         [(8, 1, 8, 1), (32, 8, 64, None)])
+                         [(8, 1, 8, None), (32, 8, 64, 1)])
 def test_interpret_block_sizes(chunk, unroll, block_d, splits):
   arrs = _inputs(1, 40, 48, 1, 4, seed=5)
   bs = ss.BlockSizes(block_d=block_d, chunk=chunk, unroll=unroll,
@@ -211,9 +211,9 @@ def test_interpret_block_sizes(chunk, unroll, block_d, splits):
 
 # Chunk-parallel GPU structure (chunk 8): (b, L, dim, groups, state, use D,
 # use z, use bias, softplus, splits asked, splits used, return_last_state).
+# (splits=1, the sequential structure: test_interpret_block_sizes and the
+# poison test.)
 SPLIT_CASES = [
-    # One sequential pass (the pre-split structure).
-    (1, 40, 16, 1, 16, True, True, True, True, 1, 1, True),
     # L % chunk != 0 (left time padding), padded channels per group.
     (2, 37, 12, 2, 4, True, True, False, True, 2, 2, True),
     # State 1, no z, y only (zero last-state cotangent); 6 chunks in 3.
