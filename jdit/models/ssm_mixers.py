@@ -130,8 +130,6 @@ def _a_log_init(key, shape, dtype=jnp.float32):
   return jnp.log(a).astype(dtype)
 
 
-
-
 class _DirectionalCausalConv(nn.Module):
   """Mamba's causal depthwise conv1d on (B, L, K, C), own taps per direction.
 
@@ -198,9 +196,9 @@ class Mamba(nn.Module):
     cross_scan: also scan column-major (SS2D's cross scan; grids of >= 2
       axes, each frame of a (T, H, W) grid transposed).
     conv: "causal1d" (Mamba: causal along each direction's sequence, own
-      taps per direction) or "depthwise2d" (SS2D: one bias-free
-      d_conv x d_conv depthwise conv over the token grid, per frame of a
-      (T, H, W) grid, shared by the directions).
+      taps per direction) or "depthwise2d" (SS2D as LaMamba-Diff configures
+      it: one bias-free d_conv x d_conv depthwise conv over the token grid,
+      per frame of a (T, H, W) grid, shared by the directions).
     out_norm: LayerNorm the merged scan output before the gate (SS2D).
     impl: kernel implementation, "auto", "pallas" or "reference".
   """
