@@ -20,11 +20,12 @@ each, sequential in time per (batch, tile). With splits = S > 1:
                               residuals), the last state (last segment).
   backward
     selective_scan_bwd_local  segments 1..S-1 in reverse from a zero state
-                              gradient: the gradient at the segment start,
+                              gradient (segment S-1 from the last-state
+                              cotangent): the gradient at the segment start,
                               and the sum of dt;
     XLA                       the state gradient at each segment's end, the
-                              transposed recurrence (reverse scan) from
-                              the last-state cotangent;
+                              transposed recurrence (reverse associative
+                              scan over S-1 elements);
     selective_scan_bwd        every segment in reverse from that gradient,
                               recomputing each chunk's states from its saved
                               boundary state (never inverting the
@@ -84,6 +85,14 @@ def _specs(cfg, dims, reverse=False, local=None):
         vec=_spec((1, bd), lambda b, j, s: (0, j)),
         last=_spec((None, np_, bd), lambda b, j, s: (b, 0, j)),
         sstate=_spec((None, None, np_, bd), lambda b, j, s: (b, s, 0, j)),
+        # Per-boundary states (S - 1 of them): the one a segment starts
+        # from (prev) or ends at (next); clamped at the first/last segment,
+        # which does not use it.
+        prev=_spec((None, None, np_, bd),
+                   lambda b, j, s: (b, jax.lax.max(s - 1, 0), 0, j)),
+        next=_spec((None, None, np_, bd),
+                   lambda b, j, s: (b, jax.lax.min(s, cfg.splits - 2), 0,
+                                    j)),
         svec=_spec((None, None, 1, bd), lambda b, j, s: (b, s, 0, j)),
         states=_spec((None, ns, np_, bd), lambda b, j, s: (b, s, 0, j)),
         pbc=_spec((None, None, seg, np_), lambda b, j, s: (b, j, s, 0)),
@@ -163,8 +172,8 @@ def _run(cfg, kernel, s, arrays, roles, outs, scratch, name):
 
 
 _ROLES = dict(u="seq", delta="seq", z="seq", dy="seq", A="mat", B="bc",
-              C="bc", D="vec", bias="vec", init="sstate", dend="sstate",
-              states="states")
+              C="bc", D="vec", bias="vec", init="prev", dend="next",
+              dlast="last", states="states")
 
 
 def _chain(decay, local, reverse=False):
@@ -199,10 +208,9 @@ def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
                [("hloc", sds((bsz, ns, np_, dp), F32), "sstate"),
                 ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
                [], "selective_scan_fwd_local")
-    # Phase 2: true end states of segments 0..S-2 = initial states of 1..S-1.
-    ends = _chain(_segment_decay(A, loc["dtsum"]), loc["hloc"])
-    arrays["init"] = jnp.concatenate(
-        [jnp.zeros((bsz, 1, np_, dp), F32), ends], axis=1)
+    # Phase 2: true end states of segments 0..S-2 = initial states of 1..S-1
+    # (segment s reads entry s - 1).
+    arrays["init"] = _chain(_segment_decay(A, loc["dtsum"]), loc["hloc"])
   s = _specs(cfg, dims)
   scratch = ([] if cfg.backend == "gpu" else
              [pltpu.VMEM((np_, cfg.block_d), F32)])
@@ -214,14 +222,13 @@ def forward(cfg: Config, u, delta, z, A, B, C, D, bias):
   return out["y"], out["last"], out["states"]
 
 
-def _state_grads(cfg, dims, arrays, A, dlast):
-  """Gradient w.r.t. each segment's end state, (b, S, Np, Dp)."""
+def _state_grads(cfg, dims, arrays, A):
+  """Gradient w.r.t. the end state of segments 0..S-2 (b, S-1, Np, Dp)."""
   bsz, _, dp, np_, _, _, _ = dims
-  if cfg.backend != "gpu" or cfg.splits == 1:
-    return dlast[:, None]
   sds = jax.ShapeDtypeStruct
   ns = cfg.splits - 1
-  # Every segment but the first, in reverse from a zero gradient.
+  # Every segment but the first, in reverse from a zero gradient (the last
+  # one from the last-state cotangent).
   loc = _run(cfg, (loc_k.bwd_local_kernel, loc_k.BWD_LOCAL_IN,
                    loc_k.BWD_LOCAL_OUT),
              _specs(cfg, dims, local="bwd"), arrays, _ROLES,
@@ -229,11 +236,9 @@ def _state_grads(cfg, dims, arrays, A, dlast):
               ("dtsum", sds((bsz, ns, 1, dp), F32), "svec")],
              [], "selective_scan_bwd_local")
   # Gradient at the start of segment s (1..S-1) = at the end of s-1:
-  #   g_s = dhloc_s + exp(A sum dt_s) g_{s+1}, g_S = dlast.
-  decay = _segment_decay(A, loc["dtsum"])
-  local = loc["dhloc"].at[:, -1].add(decay[:, -1] * dlast)
-  starts = _chain(decay, local, reverse=True)
-  return jnp.concatenate([starts, dlast[:, None]], axis=1)
+  #   g_s = dhloc_s + exp(A sum dt_s) g_{s+1}, g_{S-1} = dhloc_{S-1}.
+  # Entry s - 1 of the result is g_s: segment s - 1 reads it.
+  return _chain(_segment_decay(A, loc["dtsum"]), loc["dhloc"], reverse=True)
 
 
 def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
@@ -248,8 +253,9 @@ def backward(cfg: Config, u, delta, z, A, B, C, D, bias, states, dy, dlast):
   bsz, lp, dp, np_, _, nc, _ = dims
   nt = dp // cfg.block_d
   arrays = dict(u=u, delta=delta, z=z, A=A, B=B, C=C, D=D, bias=bias,
-                states=states, dy=dy)
-  arrays["dend"] = _state_grads(cfg, dims, arrays, A, dlast)
+                states=states, dy=dy, dlast=dlast)
+  if cfg.backend == "gpu" and cfg.splits > 1:
+    arrays["dend"] = _state_grads(cfg, dims, arrays, A)
   s = _specs(cfg, dims, reverse=True)
   ns = cfg.splits
   sds = jax.ShapeDtypeStruct

@@ -10,14 +10,14 @@ rows, channels on the minor (lane) axis, the state as an (N, bd) f32 tile.
   B, C                     (batch, G, Lp, Np)   block (T, Np)
   D, delta_bias            (1, Dp) f32          block (1, bd)
   states                   (batch, nc, Np, Dp)  chunk-boundary states
-  per-split states         (batch, S, Np, Dp)   block (Np, bd)
+  per-segment states       (batch, S, Np, Dp)   block (Np, bd)
 Time is left-padded with zeros (u = 0 keeps h = 0 there, so padding needs
 no mask and contributes nothing to any gradient); channels are padded per
 group with zeros for the same reason.
 
 Program structures sharing the per-timestep code (the passes and their
 order are described in selective_scan_calls.py):
-  "gpu": grid (batch, channel tiles, splits): a program loops sequentially
+  "gpu": grid (batch, channel tiles, segments): a program loops sequentially
     over the chunks of its time segment (Triton has no scratch memory and
     no sequential grid axis); the backward's per-chunk recomputed states
     go to an HBM work output. fwd_local_kernel / bwd_local_kernel carry
@@ -118,7 +118,7 @@ def _step_inputs(cfg, rows, refs, t, bias, need_c=True):
 
 
 def fwd_chunk(cfg, rows, refs, h, a2, dvec, bias, t0, write_y=True,
-               work=None, dtsum=None):
+              work=None, dtsum=None):
   """Runs cfg.chunk timesteps from h; optionally stores y or pre-states.
 
   With `dtsum` (a (1, bd) row) also accumulates dt and returns (h, dtsum).
@@ -231,9 +231,8 @@ def _bwd_chunk(cfg, rows, refs, work, carry, a_true, a2, dvec, bias, t0):
 FWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "init")
 FWD_OUT = ("y", "last", "states")
 BWD_IN = ("u", "delta", "z", "A", "B", "C", "D", "bias", "states", "dy",
-           "dend")
+          "dlast", "dend")
 BWD_OUT = ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC")
-
 
 
 def present(cfg, names):
@@ -242,7 +241,7 @@ def present(cfg, names):
   if not cfg.has_z:
     gone |= {"z", "dz"}
   if cfg.backend != "gpu" or cfg.splits == 1:
-    gone.add("init")
+    gone |= {"init", "dend"}
   return [k for k in names if k not in gone]
 
 
@@ -263,7 +262,9 @@ def fwd_kernel(cfg, *refs):
       r["states"][c] = h
       return fwd_chunk(cfg, rows, r, h, a2, dvec, bias, c * cfg.chunk)
 
-    h0 = (r["init"][...] if cfg.splits > 1 else jnp.zeros(a2.shape, F32))
+    h0 = jnp.zeros(a2.shape, F32)
+    if cfg.splits > 1:
+      h0 = jnp.where(pl.program_id(2) == 0, h0, r["init"][...])
     h = jax.lax.fori_loop(0, cfg.split_chunks, chunk, h0)
     if cfg.splits == 1:
       r["last"][...] = h
@@ -316,14 +317,18 @@ def bwd_kernel(cfg, *refs):
       c = cfg.split_chunks - 1 - k
       t0 = c * cfg.chunk
       fwd_chunk(cfg, rows, r, r["states"][c], a2, dvec, bias, t0,
-                 write_y=False, work=work)
+                write_y=False, work=work)
       _barrier(cfg)  # work rows written by one thread, read by another
       carry = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec, bias,
                          t0)
       _barrier(cfg)  # all reads of work done before the next overwrite
       return carry
 
-    init = (r["dend"][...], jnp.zeros(a2.shape, F32), row0, row0)
+    dh0 = r["dlast"][...]
+    if cfg.splits > 1:
+      dh0 = jnp.where(pl.program_id(2) == cfg.splits - 1, dh0,
+                      r["dend"][...])
+    init = (dh0, jnp.zeros(a2.shape, F32), row0, row0)
     _, da, dd, db = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
     r["dA"][...] = da
     r["dD"][...] = dd
@@ -334,13 +339,13 @@ def bwd_kernel(cfg, *refs):
 
   @pl.when(k == 0)
   def _():
-    dh_scr[...] = r["dend"][...]
+    dh_scr[...] = r["dlast"][...]
     r["dA"][...] = jnp.zeros(a2.shape, F32)
     r["dD"][...] = row0
     r["dbias"][...] = row0
 
   fwd_chunk(cfg, rows, r, r["states"][...], a2, dvec, bias, 0,
-             write_y=False, work=work)
+            write_y=False, work=work)
   carry = (dh_scr[...], jnp.zeros(a2.shape, F32), row0, row0)
   dh, da, dd, db = _bwd_chunk(cfg, rows, r, work, carry, a_true, a2, dvec,
                               bias, 0)

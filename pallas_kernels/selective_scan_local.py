@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels import selective_scan_kernels as k
 
@@ -37,7 +38,7 @@ def _bwd_local_chunk(cfg, rows, refs, carry, a2, bias, t0):
 
 FWD_LOCAL_IN = ("u", "delta", "A", "B", "bias")
 FWD_LOCAL_OUT = ("hloc", "dtsum")
-BWD_LOCAL_IN = ("delta", "z", "A", "C", "bias", "dy")
+BWD_LOCAL_IN = ("delta", "z", "A", "C", "bias", "dy", "dlast")
 BWD_LOCAL_OUT = ("dhloc", "dtsum")
 
 
@@ -61,7 +62,8 @@ def fwd_local_kernel(cfg, *refs):
 
 def bwd_local_kernel(cfg, *refs):
   """Backward phase 1 (GPU, splits > 1): one segment in reverse from a zero
-  state gradient; writes the gradient at its start and its sum of dt."""
+  state gradient (the last segment: from the last-state cotangent); writes
+  the gradient at its start and its sum of dt."""
   r, _ = k.bind(cfg, BWD_LOCAL_IN, BWD_LOCAL_OUT, refs)
   a2 = r["A"][...] * k.LOG2E
   bias = r["bias"][...]
@@ -71,7 +73,9 @@ def bwd_local_kernel(cfg, *refs):
     t0 = (cfg.split_chunks - 1 - i) * cfg.chunk
     return _bwd_local_chunk(cfg, rows, r, carry, a2, bias, t0)
 
-  init = (jnp.zeros(a2.shape, k.F32), jnp.zeros(bias.shape, k.F32))
+  last = pl.program_id(2) == cfg.splits - 2  # grid skips segment 0
+  dh0 = jnp.where(last, r["dlast"][...], jnp.zeros(a2.shape, k.F32))
+  init = (dh0, jnp.zeros(bias.shape, k.F32))
   dh, dts = jax.lax.fori_loop(0, cfg.split_chunks, chunk, init)
   r["dhloc"][...] = dh
   r["dtsum"][...] = dts

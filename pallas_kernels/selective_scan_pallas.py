@@ -27,8 +27,14 @@ arrays are small next to these at dim >> state, except where noted):
                         (64 B at N=16, 32x a bf16 array); it stays in L2
                         only while resident programs x chunk x N x block_d
                         x 4 bytes fit, else it is the largest term.
-  Per-segment f32 arrays (local states, dA partials) add about
-  b * S * N * Dp * 4 bytes per pass: small while S << length / N.
+  splits > 1, also      per-segment f32 (N, Dp) states: one such array is
+                        S * N * 4 / (length * itemsize) sequence arrays
+                        (bf16: 0.25 at S=32, L=4096; 0.5 at S=16, L=1024).
+                        The forward writes the local states, the XLA
+                        recurrence reads them and writes the initial
+                        states (plus its own passes), the real pass reads
+                        them: about 4 such arrays; the backward likewise,
+                        plus the dA partials written and summed: about 6.
 """
 from __future__ import annotations
 
