@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import jax
@@ -33,8 +34,12 @@ import numpy as np
 
 from jdit import diffusion, sharding
 from jdit import train_state as ts
-from jdit.models import build_model
+from jdit.models import build_model, flops as flops_fn
 from jdit.models.registry import smoke_overrides
+
+import profile_summary  # bench/, beside this script
+
+PROFILE_STEPS = 3
 
 # Dense bf16 peak TFLOP/s per chip (vendor datasheets; no sparsity).
 DATASHEET_TFLOPS = (
@@ -99,6 +104,18 @@ def _xla_flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def _profile_classes(trace_dir: str) -> dict | None:
+  """Device ms per step by kernel class; the full table goes to stderr."""
+  try:
+    summary = profile_summary.summarize(trace_dir)
+  except ValueError as e:  # no device tracks (a CPU run)
+    print(f"profile: {e}", file=sys.stderr)
+    return None
+  print(profile_summary.render(summary, top=30), file=sys.stderr)
+  return {label: round(us / 1e3 / PROFILE_STEPS, 3)
+          for label, us in summary["classes"]}
+
+
 def bench(args) -> dict:
   overrides = smoke_overrides(args.model) if args.smoke else {}
   pixel = args.pixel
@@ -151,6 +168,11 @@ def bench(args) -> dict:
       times.append(time.perf_counter() - t)
     jax.block_until_ready((state, metrics))
     total = time.perf_counter() - t_all
+    if args.profile:
+      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
+          state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"loss is {loss}; the benchmark is invalid")
@@ -159,15 +181,12 @@ def bench(args) -> dict:
   step_s = total / args.steps
   images_per_sec = args.batch_size / step_s
   try:
-    # jdit.models.flops may be absent in older checkouts: fall back to XLA.
-    # pylint: disable-next=g-import-not-at-top
-    from jdit.models import flops as flops_fn
     fwd = flops_fn(args.model, input_size,
                    **{k: v for k, v in overrides.items()
                       if k not in ("input_size", "learn_sigma")},
                    learn_sigma=model.learn_sigma)
     train_flops, source = 3.0 * fwd, "analytic (3x forward)"
-  except Exception:  # pylint: disable=broad-except
+  except ValueError:  # a mixer without an analytic count: XLA's below
     train_flops, source = None, None
   # The compiled SPMD program is one device's share of the global batch.
   xla_per_image = xla * n_dev / args.batch_size if xla else None
@@ -194,6 +213,8 @@ def bench(args) -> dict:
       "xla_train_gflops_per_image": _sig(xla_per_image
                                          and xla_per_image / 1e9),
   }
+  if args.profile:
+    out["profile"] = _profile_classes(args.profile)
   if args.sync_each_step:
     out["step_time_ms_median"] = round(statistics.median(times) * 1e3, 3)
   achieved = (train_flops * images_per_sec / n_dev / 1e12
@@ -232,6 +253,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--matmul_size", type=int, default=8192,
                  help="n of the n x n bf16 peak matmul; 0 skips it")
   p.add_argument("--matmul_iters", type=int, default=50)
+  p.add_argument("--profile", default="",
+                 help="trace 3 more steps into this dir; adds device ms "
+                      "per step by kernel class (bench/profile_summary.py)")
   p.add_argument("--smoke", action="store_true",
                  help="the model at its smoke size (its family's "
                       "smoke_overrides) at 64px, float32, CPU")

@@ -19,10 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default (a DiT) and one model of the families with their own fields
 # (LaMamba-Diff's stages) or options (DiT-MoE's expert widths).
 @pytest.mark.parametrize("model", [None, "LaMamba-Diff-S", "DiT-MoE-S/2-8E2A"])
-def test_train_step_bench_smoke(model):
+def test_train_step_bench_smoke(model, tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
-       "--smoke"] + (["--model", model] if model else []),
+       "--smoke", "--profile", str(tmp_path)]
+      + (["--model", model] if model else []),
       capture_output=True, text=True, timeout=600, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,6 +37,26 @@ def test_train_step_bench_smoke(model):
   assert 0 < row["mfu_vs_matmul_peak"] < 1
   assert row["datasheet_peak_tflops"] is None  # no datasheet for a CPU
   assert row["batch_size"] % row["devices"] == 0
+  # --profile traced the extra steps; a CPU trace has no device tracks to
+  # summarise (bench_profile_test.py reads a real one).
+  assert list(tmp_path.glob("**/*.trace.json.gz"))
+  assert row["profile"] is None
+
+
+def test_sampling_bench_smoke():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "bench", "sampling.py"),
+       "--smoke"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in proc.stdout.splitlines()
+          if l.startswith("{")]
+  assert len(rows) == 1, proc.stdout
+  row = rows[0]
+  assert row["what"] == "sampling" and row["cfg"] and row["steps"] == 2
+  # CFG doubles the model batch: 2 forwards per image per step.
+  assert row["forwards_per_sec"] == pytest.approx(
+      row["images_per_sec"] * 2 * row["steps"], rel=1e-3)
 
 
 def test_every_model_has_smoke_overrides_that_build():
