@@ -67,7 +67,10 @@ class BlockSizes:
     splits: GPU: time segments per sequence that run as parallel programs
       (chunk-parallel scan, see selective_scan_kernels.py); None chooses
       about _PROGRAMS_PER_SM programs per SM; 1 is one sequential program
-      per (batch, channel tile). Segments hold whole chunks, so the count
+      per (batch, channel tile). The default stays 1, the kernel measured
+      on an H100, until the split kernels have run on a GPU
+      (`bench/scan.py --splits 1,auto`); they pass interpret mode and the
+      CUDA lowering only. Segments hold whole chunks, so the count
       used is ceil(chunks / ceil(chunks / splits)). Ignored on TPU (its
       chunk grid axis is sequential).
   """
@@ -76,7 +79,7 @@ class BlockSizes:
   num_warps: int | None = None
   num_stages: int = 1
   unroll: int = 4
-  splits: int | None = None
+  splits: int | None = 1
 
   @classmethod
   def get_default(cls) -> "BlockSizes":

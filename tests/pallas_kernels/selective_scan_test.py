@@ -33,9 +33,9 @@ ss = importlib.import_module("pallas_kernels.selective_scan")
 
 TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles: tiny shapes still span several channel tiles per group,
-# several chunks, left time padding and channel padding. Splits are auto:
-# on these shapes every chunk is its own parallel segment.
-SMALL = ss.BlockSizes(block_d=16, chunk=16, unroll=2)
+# several chunks, left time padding and channel padding. Splits are auto
+# (the default is 1): on these shapes every chunk is its own segment.
+SMALL = ss.BlockSizes(block_d=16, chunk=16, unroll=2, splits=None)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -256,7 +256,7 @@ def test_interpret_splits_match_reference(case):
 def test_auto_splits(shape, splits, per, block_d):
   b, length, dim, groups = shape
   cfg = ssp.make_config("gpu", False, True, True, b, length, dim, groups,
-                        None)
+                        ss.BlockSizes(splits=None))
   assert (cfg.splits, cfg.split_chunks, cfg.block_d) == (splits, per, block_d)
   n = ssp.num_programs(cfg, b, dim, groups)
   assert n == b * dim // block_d * splits
@@ -390,7 +390,8 @@ def _export(platform, model, grad, block_sizes=None):
 @pytest.mark.parametrize("model", sorted(PRODUCTION))
 @pytest.mark.parametrize("grad", [False, True])
 def test_lowering(platform, model, grad):
-  text = _export(platform, model, grad)
+  # Auto splits (the default, 1, is lowered by test_lowering_cuda_splits).
+  text = _export(platform, model, grad, ss.BlockSizes(splits=None))
   if platform == "cuda":
     # Auto splits > 1 at both shapes: the local passes run too.
     assert text.count("__gpu$xla.gpu.triton") == (4 if grad else 2)
