@@ -2,9 +2,10 @@
 
 XLA cannot partition a Triton or Mosaic custom call, so without shard_map a
 sharded jit would hand every device the global batch. These tests lower the
-mixers' forward and backward for CUDA from the 8 fake CPU devices and read
-the operand shapes of every Triton call; and they check that the sharded
-Pallas path (interpret mode) computes what the unsharded one does.
+mixers' forward and backward for CUDA and TPU from the 8 fake CPU devices
+and read the operand shapes of every Triton / Mosaic call; and they check
+that the sharded Pallas path (interpret mode) computes what the unsharded
+one does.
 """
 import math
 import re
@@ -26,8 +27,11 @@ GRID = (8, 8)
 DIM, HEADS, BATCH = 64, 4, 8
 OPTIONS = {"local": {"window": 2}, "linear": {"conv_kernel": 0},
            "mamba": {"state": 4}}
-CALL = re.compile(r"custom_call @__gpu\$xla\.gpu\.triton.*?\}\s*:\s*\((.*?)\)"
-                  r"\s*->", re.S)
+# The kernels' custom calls and their operand types, per platform.
+CALLS = {platform: re.compile(target + r".*?\}\s*:\s*\((.*?)\)\s*->", re.S)
+         for platform, target in (
+             ("cuda", r"custom_call @__gpu\$xla\.gpu\.triton"),
+             ("tpu", r"custom_call @tpu_custom_call"))}
 TENSOR = re.compile(r"tensor<((?:\d+x)+)[a-z0-9]+>")
 
 
@@ -43,8 +47,8 @@ def _loss_and_grad(mixer):
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def _triton_operand_elements(name, mesh_sizes, devices=8):
-  """Elements of the Triton calls' activation operands (CUDA lowering)."""
+def _kernel_operand_elements(name, platform, mesh_sizes, devices=8):
+  """Elements of the kernel calls' activation operands in the lowering."""
   mixer = _mixer(name)
   x = jnp.zeros((BATCH, math.prod(GRID), DIM), jnp.bfloat16)
   params = nn.unbox(mixer.init(jax.random.PRNGKey(0), x, grid_shape=GRID))
@@ -53,10 +57,10 @@ def _triton_operand_elements(name, mesh_sizes, devices=8):
     f = jax.jit(_loss_and_grad(mixer),
                 in_shardings=(NamedSharding(mesh, P()),
                               sharding.batch_sharding(mesh)))
-    text = export.export(f, platforms=("cuda",), disabled_checks=[TRITON])(
+    text = export.export(f, platforms=(platform,), disabled_checks=[TRITON])(
         params, x).mlir_module()
-  calls = CALL.findall(text)
-  assert calls, f"no Triton call in the {name} lowering"
+  calls = CALLS[platform].findall(text)
+  assert calls, f"no kernel call in the {name} lowering for {platform}"
   total = 0
   for operands in calls:
     for dims in TENSOR.findall(operands):
@@ -66,11 +70,13 @@ def _triton_operand_elements(name, mesh_sizes, devices=8):
   return total
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_kernels_lower_per_shard(name):
-  whole = _triton_operand_elements(name, {}, devices=1)
-  data = _triton_operand_elements(name, {"data": 8})
-  both = _triton_operand_elements(name, {"data": 4, "tensor": 2})
+def test_kernels_lower_per_shard(name, platform):
+  count = lambda *a, **k: _kernel_operand_elements(name, platform, *a, **k)
+  whole = count({}, devices=1)
+  data = count({"data": 8})
+  both = count({"data": 4, "tensor": 2})
   # Data parallel: each kernel sees 1/8 of the batch; tokens and channels
   # are padded the same way, so the operands shrink exactly 8-fold.
   assert data * 8 == whole
