@@ -74,7 +74,7 @@ def bench(args) -> dict:
   best = min(times)
   cfg = args.cfg_scale != 1.0
   forwards = sampler.steps * args.batch_size * (2 if cfg else 1)
-  gflops = flops.flops(args.model, input_size, **overrides) / 1e9 if (
+  gflops = flops(args.model, input_size, **overrides) / 1e9 if (
       not args.smoke) else None
   dev = jax.devices()[0]
   return {

@@ -124,3 +124,23 @@ def test_kernel_benches_smoke(script, fields):
       continue
     for field in fields:
       assert field in row, (field, row)
+
+
+def test_sampling_bench_full_size_path_counts_flops():
+  """Without --smoke the bench multiplies the model's analytic FLOPs by the
+  forwards per second (a tiny registered model stands in for DiT-XL/2)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  register_model("test-sampling-tiny", DiT, depth=1, hidden_size=32,
+                 num_heads=2)
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  try:
+    import sampling  # pylint: disable=g-import-not-at-top
+    row = sampling.bench(argparse.Namespace(
+        model="test-sampling-tiny", image_size=64,
+        batch_size=jax.device_count(),
+        dtype="float32", objective="ddpm", sampler="ddim", steps=1,
+        cfg_scale=1.5, repeats=1, smoke=False))
+  finally:
+    sys.path.pop(0)
+    del models.MODELS["test-sampling-tiny"]
+  assert row["tflops_per_device"] > 0 and not row["smoke"]
