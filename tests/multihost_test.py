@@ -66,8 +66,13 @@ def test_two_processes_train_like_one(tfds_dir, tmp_path):
                               JDIT_NUM_PROCESSES="2",
                               JDIT_PROCESS_ID=str(i)))
            for i in range(2)]
-  for i, proc in enumerate(procs):
-    _finish(proc, f"process {i}")
+  try:
+    for i, proc in enumerate(procs):
+      _finish(proc, f"process {i}")
+  finally:  # a failed process must not leave its peer waiting for it
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
 
   steps, expected = _losses(single)
   got_steps, got = _losses(multi)

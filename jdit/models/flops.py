@@ -110,6 +110,10 @@ def text_cross_attention_macs(model, text_tokens: int) -> float:
   `text_tokens` text tokens, in every block: what the text-to-image models
   of papers such as Qihoo-T2X carry and our class-conditional models lack.
   """
+  if not all(hasattr(model, f) for f in ("hidden_size", "depth")):
+    raise ValueError(f"text_tokens: a text cross-attention per block is "
+                     f"counted for isotropic DiT-family models only; "
+                     f"{type(model).__name__} has no single width and depth")
   d, length = model.hidden_size, math.prod(model.grid_shape)
   per_block = (2 * length * d * d + 2 * text_tokens * d * d
                + 2 * length * text_tokens * d)
@@ -148,13 +152,17 @@ def _table_rows(args):
   """One row per (model, input size): the analytic, XLA and paper counts."""
   sizes = [int(v) for v in args.input_sizes.split(",")]
   names = [n.strip() for n in args.models.split(",") if n.strip()]
+  def count(model):
+    macs = model_macs(model)
+    if args.text_tokens:  # the baseline too: the ratio compares like with like
+      macs += text_cross_attention_macs(model, args.text_tokens)
+    return 2.0 * macs
+
   for size in sizes:
-    base = flops(args.baseline, size)
+    base = count(build_model(args.baseline, input_size=size))
     for name in names:
       model = build_model(name, input_size=size)
-      ours = 2.0 * model_macs(model)
-      if args.text_tokens:
-        ours += 2.0 * text_cross_attention_macs(model, args.text_tokens)
+      ours = count(model)
       tokens = math.prod(model.grid_shape)
       xla = (xla_flops(name, size) if args.xla and (
           not args.xla_max_tokens or tokens <= args.xla_max_tokens) else None)

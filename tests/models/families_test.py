@@ -95,6 +95,17 @@ def test_flops_cli_markdown(capsys):
   assert out[2].split("|")[1].strip() == "DiT-S/2"
 
 
+def test_flops_cli_text_tokens(capsys):
+  from jdit.models.flops import main
+  # The baseline gets the same text cross-attention: a model against itself
+  # is 1.00 with or without it.
+  main(["--models", "DiT-S/2", "--baseline", "DiT-S/2", "--text_tokens",
+        "120"])
+  assert capsys.readouterr().out.splitlines()[1].split()[-1] == "1.00"
+  with pytest.raises(ValueError, match="text_tokens.*LaMambaDiff"):
+    main(["--models", "LaMamba-Diff-S", "--text_tokens", "120"])
+
+
 # Qihoo-T2X's GFLOPs (multiply-adds) of its text-to-image PT-DiTs (Fig. 2,
 # Fig. 8): our class-conditional PT-DiT plus a text cross-attention to its 120
 # T5 tokens must reproduce them. That pins down the proxy grid (8x8 at every
