@@ -48,11 +48,6 @@ def _check_divides(size, grid_shape, what: str) -> None:
                      f"{tuple(grid_shape)} along every axis")
 
 
-def _kernel(name: str):
-  """A pallas_kernels entry point, sharded over the context mesh if any."""
-  return kernel_sharding.kernel(name)
-
-
 def _partition(x, grid_shape, window):
   """(B, L, ...) -> (B * num_windows, prod(window), ...), windows row-major."""
   b, rest = x.shape[0], x.shape[2:]
@@ -201,7 +196,7 @@ class LocalAttention(nn.Module):
       raise ValueError(f"local mixer window must be >= 0, got {self.window}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = qkv_projection(x, self.num_heads, **kw)
-    o = _kernel("local_attention")(
+    o = kernel_sharding.kernel("local_attention")(
         q, k, v, grid_shape=tuple(grid_shape), window=self.window,
         shape=self.shape, impl=self.impl)
     return out_projection(o.astype(self.dtype), **kw)

@@ -25,8 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit.models import scan_orders
-from jdit.models.local_mixers import _kernel
+from jdit.models import kernel_sharding, scan_orders
 from jdit.models.mixers import out_projection, qkv_projection, register_mixer
 
 FEATURE_MAPS = ("elu", "relu")
@@ -85,8 +84,8 @@ class LinearAttention(nn.Module):
       raise ValueError(f"conv_kernel must be >= 0, got {self.conv_kernel}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = qkv_projection(x, self.num_heads, **kw)
-    o = _kernel("linear_attention")(q, k, v, feature_map=self.feature_map,
-                                    eps=self.eps, impl=self.impl)
+    o = kernel_sharding.kernel("linear_attention")(
+        q, k, v, feature_map=self.feature_map, eps=self.eps, impl=self.impl)
     o = o.astype(self.dtype)
     if self.conv_kernel:
       b, length, heads, hd = v.shape
@@ -287,7 +286,7 @@ class Mamba(nn.Module):
         nn.initializers.ones_init(), (None, "mlp")), (k, inner),
                         self.param_dtype)
     wide = (batch, length, k * inner)  # channel k * inner + i reads group k
-    y = _kernel("selective_scan")(
+    y = kernel_sharding.kernel("selective_scan")(
         us.reshape(wide), delta.reshape(wide),
         -jnp.exp(a_log.astype(jnp.float32)).reshape(k * inner, n), b, c,
         D=d_skip.reshape(-1), delta_bias=dt_bias.reshape(-1),
