@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import jax
@@ -28,8 +26,7 @@ from jdit import diffusion, sampling, sharding
 from jdit.models import build_model, flops
 from jdit.models.registry import smoke_overrides
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
+from timing import sig  # bench/, beside this script
 
 
 def _perturbed_init(model, seed: int = 0):
@@ -81,10 +78,10 @@ def bench(args) -> dict:
       "what": "sampling", "model": args.model, "image_size": args.image_size,
       "batch_size": args.batch_size, "sampler": sampler.sampler,
       "steps": sampler.steps, "cfg": cfg, "dtype": args.dtype,
-      "images_per_sec": train_step._sig(args.batch_size / best),
-      "ms_per_step": train_step._sig(best / sampler.steps * 1e3),
-      "forwards_per_sec": train_step._sig(forwards / best),
-      "tflops_per_device": train_step._sig(
+      "images_per_sec": sig(args.batch_size / best),
+      "ms_per_step": sig(best / sampler.steps * 1e3),
+      "forwards_per_sec": sig(forwards / best),
+      "tflops_per_device": sig(
           gflops * forwards / best / 1e3 / jax.device_count())
                            if gflops else None,
       "compile_s": round(compile_s, 1), "devices": jax.device_count(),

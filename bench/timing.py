@@ -9,6 +9,11 @@ import jax
 import jax.numpy as jnp
 
 
+def sig(x: float | None, digits: int = 4) -> float | None:
+  """x rounded to `digits` significant digits (None and 0 give None)."""
+  return float(f"{x:.{digits}g}") if x else None
+
+
 def time_ms(fn, args, iters: int, warmup: int = 2) -> float:
   """Median wall time of fn(*args) in ms, after `warmup` calls (the first
   compiles); every call is waited for with block_until_ready."""

@@ -38,6 +38,7 @@ from jdit.models import build_model, flops as flops_fn
 from jdit.models.registry import smoke_overrides
 
 import profile_summary  # bench/, beside this script
+from timing import sig
 
 PROFILE_STEPS = 3
 
@@ -48,11 +49,6 @@ DATASHEET_TFLOPS = (
     ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0),
     ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),
 )
-
-
-def _sig(x: float | None, digits: int = 4) -> float | None:
-  """x rounded to `digits` significant digits (None stays None)."""
-  return float(f"{x:.{digits}g}") if x else None
 
 
 def datasheet_tflops(device_kind: str) -> float | None:
@@ -208,9 +204,9 @@ def bench(args) -> dict:
       "images_per_sec": round(images_per_sec, 3),
       "images_per_sec_per_device": round(images_per_sec / n_dev, 3),
       "loss": round(loss, 5),
-      "train_gflops_per_image": _sig(train_flops and train_flops / 1e9),
+      "train_gflops_per_image": sig(train_flops and train_flops / 1e9),
       "flops_source": source,
-      "xla_train_gflops_per_image": _sig(xla_per_image
+      "xla_train_gflops_per_image": sig(xla_per_image
                                          and xla_per_image / 1e9),
   }
   if args.profile:
@@ -219,16 +215,16 @@ def bench(args) -> dict:
     out["step_time_ms_median"] = round(statistics.median(times) * 1e3, 3)
   achieved = (train_flops * images_per_sec / n_dev / 1e12
               if train_flops else None)
-  out["achieved_tflops_per_device"] = _sig(achieved)
+  out["achieved_tflops_per_device"] = sig(achieved)
   peak = None
   if args.matmul_size:
     peak = matmul_peak_tflops(args.matmul_size, args.matmul_iters)
   sheet = datasheet_tflops(kind)
   out.update(
-      matmul_peak_tflops=_sig(peak),
-      mfu_vs_matmul_peak=_sig(achieved and peak and achieved / peak),
+      matmul_peak_tflops=sig(peak),
+      mfu_vs_matmul_peak=sig(achieved and peak and achieved / peak),
       datasheet_peak_tflops=sheet,
-      mfu_vs_datasheet=_sig(achieved and sheet and achieved / sheet))
+      mfu_vs_datasheet=sig(achieved and sheet and achieved / sheet))
   return out
 
 
