@@ -226,6 +226,10 @@ class DiT(ImageBackbone, nn.Module):
   mlp_ratio: float = 4.0
   mixer: str = "attention"
   mixer_options: Any = None
+  # Blocks (0-based) that use `mixer`; the others use dense attention.
+  # None: every block. PixArt-Sigma compresses keys and values in blocks
+  # 14-27 of 28 only.
+  mixer_layers: Sequence[int] | None = None
   mlp: str = "dense"
   mlp_options: Any = None
   dtype: Any = jnp.float32
@@ -242,6 +246,14 @@ class DiT(ImageBackbone, nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
                        f"num_heads {self.num_heads}")
+    if self.mixer_layers is not None:
+      layers = list(self.mixer_layers)
+      if (not layers or len(set(layers)) != len(layers)
+          or not all(isinstance(i, int) and 0 <= i < self.depth
+                     for i in layers)):
+        raise ValueError(f"mixer_layers must be distinct block indices in "
+                         f"[0, depth={self.depth}), or None for every "
+                         f"block; got {self.mixer_layers!r}")
     options = dict(self.mlp_options or {})
     try:  # an unbound instance checks the options (MoE validates its own)
       get_feedforward(self.mlp)(hidden=int(self.hidden_size * self.mlp_ratio),
@@ -250,6 +262,12 @@ class DiT(ImageBackbone, nn.Module):
       raise ValueError(f"bad mlp_options {options} for mlp {self.mlp!r}: "
                        f"{e}") from e
     self.check_common()
+
+  def block_mixer(self, i: int):
+    """(mixer name, mixer options) of block i."""
+    if self.mixer_layers is None or i in self.mixer_layers:
+      return self.mixer, self.mixer_options
+    return "attention", None
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
@@ -265,9 +283,9 @@ class DiT(ImageBackbone, nn.Module):
     c = embed_condition(self, self.hidden_size, t, y, train, force_drop_ids)
     block = remat_block(DiTBlock, self.remat)
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.mixer,
-                self.mixer_options, self.mlp, self.mlp_options,
-                name=f"blocks_{i}", **kw)(
+      mixer, options = self.block_mixer(i)
+      x = block(self.num_heads, self.mlp_ratio, mixer, options, self.mlp,
+                self.mlp_options, name=f"blocks_{i}", **kw)(
                     x, c, (gh, gw), not train, t)
     x = FinalLayer(p, self.out_channels, name="final_layer", **kw)(x, c)
     # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).

@@ -33,9 +33,9 @@ token grid at patch 2); pass input_size and mixer_options to change them.
       savings over DiT/PixArt are at equal parameter count, i.e. a narrower
       PT-DiT (docs/benchmarks.md, FLOPs per image).
   DiT-XL/2-KVCompress  PixArt-Sigma's KV token compression (Chen et al.
-      2024): keys and values downsampled 2x by a depthwise conv. PixArt-Sigma
-      compresses only the deeper layers (14-27 of 28); the registry gives every
-      block the same mixer, so here all layers compress (our choice).
+      2024): keys and values downsampled 2x by a depthwise conv in the deeper
+      blocks only (14-27 of 28, `mixer_layers`, as its released config);
+      blocks 0-13 keep dense attention.
 """
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ for _size, (_depth, _width, _heads) in PT_DIT_SIZES.items():
                  num_heads=_heads, patch_size=2, mixer="proxy",
                  mixer_options={"proxy_grid": 8},
                  smoke={**DIT_SMOKE, "mixer_options": {"proxy_grid": 2}})
-_register("DiT-XL/2-KVCompress", "XL", 2, "kv_compress", {"ratio": 2})
+register_model("DiT-XL/2-KVCompress", DiT, depth=28, hidden_size=1152,
+               num_heads=16, patch_size=2, mixer="kv_compress",
+               mixer_options={"ratio": 2}, mixer_layers=tuple(range(14, 28)),
+               smoke={**DIT_SMOKE, "mixer_layers": (0,)})
 
 # The named efficient models, for tests, benchmarks and the FLOP CLI.
 FAMILY_MODELS = (

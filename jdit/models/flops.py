@@ -96,11 +96,11 @@ def model_macs(model) -> float:
   embed = length * p * p * model.in_channels * d
   temb = FREQ_DIM * d + d * d
   block = (6 * d * d  # adaLN modulation, once per image
-           + mixer_macs(model.mixer, model.mixer_options, model.num_heads,
-                        grid, d)
            + 2 * length * d * int(d * model.mlp_ratio))
+  mix = sum(mixer_macs(*model.block_mixer(i), model.num_heads, grid, d)
+            for i in range(model.depth))
   final = 2 * d * d + length * d * p * p * model.out_channels
-  return embed + temb + model.depth * block + final
+  return embed + temb + model.depth * block + mix + final
 
 
 def text_cross_attention_macs(model, text_tokens: int) -> float:

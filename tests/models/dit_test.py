@@ -172,6 +172,10 @@ def test_remat_gives_the_same_gradients(remat):
     ("DiT-S/2", {"num_heads": 5}, "divisible by num_heads"),
     ("DiT-S/2", {"remat": "some"}, "remat must be one of"),
     ("DiT-S/2", {"dtype": "float8"}, "dtype must be one of"),
+    ("DiT-S/2", {"mixer_layers": (12,)}, r"mixer_layers .*depth=12"),
+    ("DiT-S/2", {"mixer_layers": (1, 1)}, "mixer_layers must be distinct"),
+    ("DiT-S/2", {"mixer_layers": ()}, "mixer_layers must be distinct"),
+    ("DiT-XL/2-KVCompress", {"depth": 4}, r"mixer_layers .*depth=4"),
 ])
 def test_bad_input(name, kw, match):
   with pytest.raises(ValueError, match=match):

@@ -1,14 +1,17 @@
 """Named efficient-DiT models and the FLOP counter."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict
 
 from jdit import models
 from jdit.models.families import FAMILY_MODELS
 from jdit.models.flops import DIT_PAPER_GMACS, xla_flops
 from jdit.models.mixers import MIXERS
-from jdit.models.registry import MODELS
+from jdit.models.registry import MODELS, smoke_overrides
 
 # Options sized for the 8x8 token grid of a 16x16 input at patch 2.
 TEST_OPTIONS = {
@@ -57,14 +60,51 @@ def test_named_model_is_registered_and_runs_tiny(name):
   assert name in MODELS
   _, hparams = MODELS[name]
   assert hparams["mixer"] in MIXERS
-  model = models.build_model(name, depth=1, hidden_size=64, num_heads=4,
-                             input_size=16, num_classes=10)
+  model = models.build_model(name, **{
+      **smoke_overrides(name), "hidden_size": 64, "num_heads": 4,
+      "input_size": 16, "num_classes": 10})
   x = jnp.ones((1, 16, 16, 4))
   t, y = jnp.array([10.0]), jnp.array([1])
   params = model.init(jax.random.PRNGKey(0), x, t, y)
   out = model.apply(params, x, t, y)
   chex.assert_shape(out, (1, 16, 16, 8))
   chex.assert_tree_all_finite(out)
+
+
+def test_kv_compress_only_in_pixart_sigmas_deep_blocks():
+  # PixArt-Sigma compresses keys and values in blocks 14-27 of 28; the
+  # others are plain DiT attention blocks (the same parameters as DiT-XL/2).
+  def attn_params(name):
+    model = models.build_model(name)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
+    t, y = (jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.int32))
+    blocks = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t,
+                                     y))
+    return [{k: v.shape for k, v in flatten_dict(
+        unfreeze(blocks["params"][f"blocks_{i}"]["attn"])).items()}
+            for i in range(28)]
+  dit, kvc = attn_params("DiT-XL/2"), attn_params("DiT-XL/2-KVCompress")
+  assert kvc[:14] == dit[:14]
+  for i in range(14, 28):
+    # dense attention's parameters, plus the compression's
+    assert dit[i].items() < kvc[i].items(), i
+  # FLOPs: 14 DiT blocks and 14 compressed ones.
+  half = lambda layers: models.flops("DiT-XL/2", 128, mixer="kv_compress",
+                                     mixer_options={"ratio": 2},
+                                     mixer_layers=layers)
+  full, dense = half(None), models.flops("DiT-XL/2", 128)
+  assert models.flops("DiT-XL/2-KVCompress", 128) == pytest.approx(
+      (full + dense) / 2, rel=1e-12)
+
+
+def test_mixer_layers_analytic_matches_xla():
+  kw = dict(depth=3, input_size=16, mixer="local", mixer_options={"window": 2},
+            mixer_layers=(0, 2))
+  assert models.flops("DiT-S/2", **kw) == pytest.approx(
+      xla_flops("DiT-S/2", **kw), rel=XLA_RTOL["local"])
+  dense = models.flops("DiT-S/2", depth=3, input_size=16)
+  assert models.flops("DiT-S/2", **kw) < dense
 
 
 def test_dit_sizes_follow_the_paper():
