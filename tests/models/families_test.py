@@ -168,3 +168,13 @@ def test_pt_dit_saves_only_from_4096_tokens_at_equal_width():
   ratio = [models.flops("DiT-XL/2", s) / models.flops("PT-DiT-XL/2", s)
            for s in (32, 64, 128)]
   assert ratio[0] < 0.85 and 0.9 < ratio[1] < 1.0 and ratio[2] > 1.3
+
+
+def test_flops_module_runs_as_a_cli_without_warnings():
+  import subprocess
+  import sys
+  run = subprocess.run([sys.executable, "-m", "jdit.models.flops", "--models",
+                        "DiT-S/2"], capture_output=True, text=True, check=True,
+                       timeout=300)
+  assert run.stdout.splitlines()[1].split()[:3] == ["DiT-S/2", "256", "256"]
+  assert "Warning" not in run.stderr, run.stderr
