@@ -4,10 +4,12 @@ Ma et al., "SiT: Exploring Flow and Diffusion-based Generative Models with
 Scalable Interpolant Transformers" (2024): the DiT-XL/2 backbone and training
 set-up (AdamW lr 1e-4, batch 256, EMA 0.9999, label dropout 0.1, 7M steps for
 the headline model) with a linear interpolant, velocity prediction, uniform
-training times and no learned sigma. SiT feeds the network t in [0, 1] with
-t = 1 at the data end; to load SiT's released weights set
---config.diffusion.flow.model_time_flip=True and model_time_scale=1.0.
-jdit's own default (t = 0 data, network time 1000 t) trains the same model.
+training times and no learned sigma. SiT runs time the other way (t = 1 is
+data, the network sees t in [0, 1] and predicts data minus noise); its
+released weights convert with that convention recorded
+(`python -m jdit.convert dit --model DiT-XL/2 --objective sit`, which sets
+diffusion.flow.model_time_flip=True and model_time_scale=1.0). jdit's own
+default (t = 0 data, network time 1000 t) trains the same model.
 
     python -m jdit.data.extract_latents ...      # as in dit_imagenet256.py
     python train.py --config configs/sit_imagenet256.py \\

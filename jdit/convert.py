@@ -2,7 +2,8 @@
 
 `dit_params_from_torch` maps a facebookresearch/DiT state dict (the released
 bare EMA dict `DiT-XL-2-256x256.pt`, or a train.py checkpoint with "ema" and
-"model") onto the parameter tree of `jdit.models.build_model(name)`;
+"model"; SiT's and DiT-MoE's checkpoints share the layout) onto the
+parameter tree of `jdit.models.build_model(name)`;
 `vae_params_from_torch` (in jdit.convert_vae) does the same for diffusers'
 AutoencoderKL. Both return plain nested dicts of float32 numpy arrays, and
 both check the whole checkpoint before converting anything, so a wrong file
@@ -165,13 +166,58 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
     out[f"{t}.attn.proj.weight"] = ((d, d), "proj", f + ("attn", "proj",
                                                          "kernel"))
     out[f"{t}.attn.proj.bias"] = ((d,), "id", f + ("attn", "proj", "bias"))
-    linear(f"{t}.mlp.fc1", f + ("mlp", "fc1"), hidden, d)
-    linear(f"{t}.mlp.fc2", f + ("mlp", "fc2"), d, hidden)
+    if model.mlp == "moe":
+      out.update(_dit_moe_layout(model, t, f + ("mlp",)))
+    else:
+      linear(f"{t}.mlp.fc1", f + ("mlp", "fc1"), hidden, d)
+      linear(f"{t}.mlp.fc2", f + ("mlp", "fc2"), d, hidden)
     linear(f"{t}.adaLN_modulation.1", f + ("adaLN_modulation",), 6 * d, d)
   linear("final_layer.adaLN_modulation.1",
          ("final_layer", "adaLN_modulation"), 2 * d, d)
   linear("final_layer.linear", ("final_layer", "linear"), p * p * c_out, d)
   del heads
+  return out
+
+
+def moe_model_options(model) -> dict:
+  """The MoE options of a DiT-MoE model, checked against DiT-MoE's layer.
+
+  feizc/DiT-MoE's SparseMoeBlock: a bias-free router over E SwiGLU experts
+  (bias-free gate/up/down projections), raw softmax gates of the top k, and
+  shared experts fused into one SwiGLU; its inference never drops a token,
+  which a capacity factor of E / k reproduces.
+  """
+  from jdit.models.moe import MoE  # pylint: disable=g-import-not-at-top
+  opts = MoE(hidden=int(model.hidden_size * model.mlp_ratio), parent=None,
+             **dict(model.mlp_options or {}))
+  wanted = dict(expert_act="swiglu", router_input="tokens", renormalize=False)
+  wrong = {k: getattr(opts, k) for k, v in wanted.items()
+           if getattr(opts, k) != v}
+  if wrong:
+    raise ValueError(f"DiT-MoE checkpoints need mlp_options {wanted}, got "
+                     f"{wrong}")
+  return opts
+
+
+def _dit_moe_layout(model, t, f):
+  """DiT-MoE's `blocks.i.moe.*` keys of one block (see moe_model_options)."""
+  moe = moe_model_options(model)
+  d, e, h = model.hidden_size, moe.num_experts, moe.expert_width
+  out = {f"{t}.moe.gate.weight": ((e, d), "linear", f + ("router", "kernel"))}
+  for j in range(e):
+    for name, shape, ours in (("gate_proj", (h, d), "gate_kernel"),
+                              ("up_proj", (h, d), "up_kernel"),
+                              ("down_proj", (d, h), "down_kernel")):
+      # "expert:j:E": row j of the stacked (E, in, out) parameter.
+      out[f"{t}.moe.experts.{j}.{name}.weight"] = (shape, f"expert:{j}:{e}",
+                                                   f + (ours,))
+  if moe.num_shared_experts:
+    width = moe.num_shared_experts * (moe.shared_expert_hidden or h)
+    for name, shape, ours in (("gate_proj", (width, d), "shared_gate"),
+                              ("up_proj", (width, d), "shared_up"),
+                              ("down_proj", (d, width), "shared_down")):
+      out[f"{t}.moe.shared_experts.{name}.weight"] = (shape, "linear",
+                                                      f + (ours, "kernel"))
   return out
 
 
@@ -202,6 +248,14 @@ def _get(tree, path):
   return tree
 
 
+def _has(tree, path) -> bool:
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
+
+
 def _infer_input_size(sd: Mapping[str, Any], patch_size: int) -> int | None:
   """The latent side from pos_embed's token count (square grids)."""
   if "pos_embed" not in sd:
@@ -213,12 +267,23 @@ def _infer_input_size(sd: Mapping[str, Any], patch_size: int) -> int | None:
 
 def resolve_dit_overrides(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
-  """`overrides` plus input_size from pos_embed when not given."""
+  """`overrides` plus input_size from pos_embed when not given.
+
+  For DiT-MoE models, also the capacity that drops no token (as DiT-MoE's
+  own inference), unless mlp_options give one.
+  """
   if "input_size" not in overrides:
     size = _infer_input_size(unwrap_state_dict(state_dict),
                              build_model(name).patch_size)
     if size is not None:
       overrides = dict(overrides, input_size=size)
+  model = build_model(name, **overrides)
+  options = dict(model.mlp_options or {})
+  if model.mlp == "moe" and "capacity_factor" not in dict(
+      overrides.get("mlp_options") or {}):
+    moe = moe_model_options(model)
+    options["capacity_factor"] = moe.num_experts / moe.top_k
+    overrides = dict(overrides, mlp_options=options)
   return overrides
 
 
@@ -226,11 +291,14 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
   """Converts an official facebookresearch/DiT checkpoint to Flax params.
 
+  Also SiT's (willisma/SiT: DiT's layout) and DiT-MoE's (feizc/DiT-MoE:
+  `blocks.i.moe.*` instead of `blocks.i.mlp.*`, for a "DiT-MoE-*" name).
+
   Args:
     state_dict: the loaded checkpoint: a bare state dict (the released
       `DiT-XL-2-{256,512}.pt` are EMA weights) or DiT train.py's dict with
       "ema" (used) and "model". Values are torch tensors or numpy arrays.
-    name: the model name, e.g. "DiT-XL/2".
+    name: the model name, e.g. "DiT-XL/2" or "DiT-MoE-S/2-8E2A".
     **overrides: build_model overrides (input_size, in_channels, num_classes,
       learn_sigma, ...). input_size defaults to the one the checkpoint's
       pos_embed implies (32 for 256x256 images, 64 for 512x512).
@@ -249,9 +317,9 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
   if not isinstance(model, DiT):
     raise ValueError(f"{name} is not a DiT; only the official DiT layout "
                      f"converts")
-  if model.mixer != "attention" or model.mlp != "dense":
+  if model.mixer != "attention" or model.mlp not in ("dense", "moe"):
     raise ValueError("official DiT checkpoints need mixer='attention' and "
-                     "mlp='dense'")
+                     "mlp='dense' (DiT, SiT) or 'moe' (DiT-MoE)")
   layout = _dit_torch_layout(model)
   check_keys(sd, {k: v[0] for k, v in layout.items()},
              f"{name} with {dict(overrides)}")
@@ -279,6 +347,12 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
       w = w.reshape(3, heads, d // heads)
     elif kind == "proj":  # input index = (head, dim)
       w = w.T.reshape(heads, d // heads, d)
+    elif kind.startswith("expert:"):  # one expert of a stacked parameter
+      _, j, e = kind.split(":")
+      if not _has(params, path):
+        set_path(params, path, np.zeros((int(e),) + w.T.shape, np.float32))
+      _get(params, path)[int(j)] = w.T
+      continue
     set_path(params, path, torch_to_flax(w, kind))
 
   # The layout table mirrors the model; a model change that breaks the

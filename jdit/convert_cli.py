@@ -2,6 +2,8 @@
 
   python -m jdit.convert dit --checkpoint DiT-XL-2-256x256.pt \
       --model DiT-XL/2 [--image_size 256] [--vae sd-vae-ft-ema/] --out DIR
+  python -m jdit.convert dit --checkpoint SiT-XL-2-256x256.pt \
+      --model DiT-XL/2 --objective sit --vae sd-vae-ft-ema/ --out DIR
   python -m jdit.convert vae \
       --checkpoint diffusion_pytorch_model.safetensors --out DIR
 
@@ -30,6 +32,20 @@ from jdit.models import build_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIGS = ("dit_imagenet256.py", "default.py")
+# How the checkpoint was trained -> (objective, config.diffusion.flow values)
+# of the sampling config it gets.
+OBJECTIVES = {
+    # DiT and DiT-MoE: ADM's 1000-step diffusion, learned sigma.
+    "ddpm": ("ddpm", {}),
+    # SiT: linear interpolant in reversed time (t = 1 data), velocity, the
+    # network sees t in [0, 1].
+    "sit": ("flow", {"path": "linear", "prediction": "velocity",
+                     "model_time_flip": True, "model_time_scale": 1.0}),
+    # Rectified flow as DiT-MoE's RectifiedFlow: t = 1 noise, velocity
+    # noise - data, the network sees t in [0, 1].
+    "rf": ("flow", {"path": "linear", "prediction": "velocity",
+                    "model_time_flip": False, "model_time_scale": 1.0}),
+}
 
 
 def check_out_dir(out: str) -> str:
@@ -86,9 +102,12 @@ def base_config(model_name: str, image_size: int | None
 
 
 def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
-                    scale_factor: float, image_size: int | None = None
-                    ) -> ml_collections.ConfigDict:
-  """The base recipe's config, with model.* describing `model` exactly."""
+                    scale_factor: float, image_size: int | None = None,
+                    objective: str = "ddpm") -> ml_collections.ConfigDict:
+  """The base recipe's config, with model.* describing `model` exactly.
+
+  `objective`: a key of OBJECTIVES, how the checkpoint was trained.
+  """
   config = base_config(name, image_size)
   with config.unlocked():
     old = config.get("model", ml_collections.ConfigDict())
@@ -109,7 +128,8 @@ def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
       elif isinstance(value, tuple):
         value = list(value)
       config.model[key] = value
-    config.objective = "ddpm"
+    config.objective, flow = OBJECTIVES[objective]
+    config.diffusion.flow.update(flow)
     if model.in_channels == 3 and vae_path is None:
       if "vae" in config:
         del config["vae"]
@@ -169,7 +189,8 @@ def convert_dit(args) -> str:
                   if isinstance(model.input_size, int) else None)
     config = sampling_config(args.model, model, overrides, vae_path,
                              scale if scale is not None
-                             else vae_lib.SD_VAE_SCALE_FACTOR, image_size)
+                             else vae_lib.SD_VAE_SCALE_FACTOR, image_size,
+                             args.objective)
     checkpoint.save_for_sampling(tmp, params, config)
   if model.in_channels != 3 and vae_model is None:
     print(f"note: {args.model} is a latent model and no --vae was given; "
@@ -196,7 +217,12 @@ def main(argv=None):
   d = sub.add_parser("dit", help="official facebookresearch/DiT checkpoint")
   d.add_argument("--checkpoint", required=True,
                  help="DiT-XL-2-256x256.pt or a DiT train.py checkpoint")
-  d.add_argument("--model", required=True, help='e.g. "DiT-XL/2"')
+  d.add_argument("--model", required=True,
+                 help='e.g. "DiT-XL/2" (DiT, SiT) or "DiT-MoE-S/2-8E2A"')
+  d.add_argument("--objective", choices=sorted(OBJECTIVES), default="ddpm",
+                 help="how the checkpoint was trained: ddpm (DiT, DiT-MoE), "
+                      "sit (SiT's flow matching), rf (DiT-MoE's rectified "
+                      "flow)")
   d.add_argument("--image_size", type=int, default=None,
                  help="image side (256 or 512); default: from pos_embed")
   d.add_argument("--input_size", type=int, default=None,

@@ -38,8 +38,9 @@ def model_from_config(config: ml_collections.ConfigDict):
                if k not in MODEL_KEYS_NOT_OVERRIDES and v is not None}
   if overrides.get("learn_sigma") is None:
     overrides["learn_sigma"] = objective_name == "ddpm"
-  if isinstance(overrides.get("input_size"), (list, tuple)):
-    overrides["input_size"] = tuple(overrides["input_size"])
+  for key in ("input_size", "mixer_layers"):  # lists after a JSON round trip
+    if isinstance(overrides.get(key), (list, tuple)):
+      overrides[key] = tuple(overrides[key])
   for key in ("mixer_options", "mlp_options"):
     if key in overrides and not isinstance(overrides[key], dict):
       overrides[key] = dict(overrides[key])

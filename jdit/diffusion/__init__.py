@@ -66,7 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   f.train_eps = config_dict.placeholder(float)
   f.sample_eps = config_dict.placeholder(float)
   f.model_time_scale = 1000.0  # The network sees scale * t ...
-  f.model_time_flip = False    # ... or scale * (1 - t) (SiT: True, scale 1).
+  f.model_time_flip = False    # ... or SiT's reversed time: it sees
+  #                             scale * (1 - t) and predicts velocities
+  #                             d x / d(1 - t) (SiT checkpoints: True, scale 1).
   f.sample_shift = 1.0        # Same shift applied to the sampler time grid.
   # SDE diffusion w(t): "sigma" (REPA) | "sbdm" (SiT default) | "constant" |
   # "linear" | "decreasing" | "increasing-decreasing".

@@ -6,9 +6,12 @@ target ``eps - x0``). See ``paths.py`` for the interpolants and the
 velocity / noise / score conversions.
 
 The network's time input is ``model_time(t) = model_time_scale * t`` (default
-1000, the range DiT's timestep embedding was designed for), or
-``model_time_scale * (1 - t)`` with ``model_time_flip`` (SiT's own convention,
-t = 1 data, with scale 1 to load SiT checkpoints).
+1000, the range DiT's timestep embedding was designed for). With
+``model_time_flip`` the network works in SiT's reversed time s = 1 - t (t = 1
+data): it sees ``model_time_scale * (1 - t)`` and a velocity network predicts
+``dx/ds = -dx/dt`` (SiT's ``x1 - x0``, data minus noise), which is negated
+here; noise and score predictions do not depend on the time direction. SiT
+checkpoints: flip with scale 1.
 """
 import jax
 import jax.numpy as jnp
@@ -108,6 +111,15 @@ class Flow(objective.Objective):
       t = 1.0 - t
     return self.config.model_time_scale * t
 
+  def prediction_of(self, out):
+    """The network output in this module's convention (t = 1 noise).
+
+    In reversed time a velocity points the other way: dx/ds = -dx/dt.
+    """
+    if self.config.model_time_flip and self.prediction == "velocity":
+      return -out
+    return out
+
   def sample_time(self, key, batch):
     """Training times: uniform or logit-normal, then the SD3 shift."""
     if self.config.time_sampling == "uniform":
@@ -154,7 +166,7 @@ class Flow(objective.Objective):
       raise ValueError(
           f"Model output has {out.shape[-1]} channels; expected {c} or "
           f"{2 * c} (learned sigma, ignored by flow).")
-    out = out[..., :c]
+    out = self.prediction_of(out[..., :c])
     if self.prediction == "velocity":
       err = out - u
     elif self.prediction == "noise":
@@ -184,7 +196,7 @@ class Flow(objective.Objective):
 
     def output(x, t):
       tb = jnp.full((b,), t, jnp.float32)
-      return fn(x, self.model_time(tb), tb)[..., :c]
+      return self.prediction_of(fn(x, self.model_time(tb), tb)[..., :c])
 
     def velocity(x, t):
       return paths.to_velocity(pred, output(x, t), x, t, path)

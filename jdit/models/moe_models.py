@@ -38,9 +38,9 @@ DIT_MOE_SIZES = {
 def dit_moe_options(hidden_size: int, num_experts: int, top_k: int = 2,
                     **overrides) -> dict:
   """The MoE `mlp_options` of a DiT-MoE model of this width."""
-  return dict(num_experts=num_experts, top_k=top_k, num_shared_experts=2,
-              shared_expert_hidden=hidden_size, expert_act="swiglu",
-              balance_loss_weight=0.01, **overrides)
+  return {**dict(num_experts=num_experts, top_k=top_k, num_shared_experts=2,
+                shared_expert_hidden=hidden_size, expert_act="swiglu",
+                balance_loss_weight=0.01), **overrides}
 
 
 for _name, (_depth, _width, _heads, _experts, _, _) in DIT_MOE_SIZES.items():

@@ -198,3 +198,31 @@ def moments(samples):
 def slope(steps, errors):
   """Least-squares slope of log(error) against log(steps)."""
   return np.polyfit(np.log(steps), np.log(errors), 1)[0]
+
+
+def sit_velocity_model(data, path, channels=None):
+  """Bayes-optimal velocity network in SiT's own convention.
+
+  SiT (Ma et al. 2024) runs time the other way: s = 1 is data, s = 0 noise,
+  ``x_s = alpha_s x1 + sigma_s x0`` with x1 data and x0 noise (linear:
+  alpha_s = s, sigma_s = 1 - s; GVP: alpha_s = sin(pi s / 2), sigma_s =
+  cos(pi s / 2)); the network sees s itself and predicts
+  ``E[alpha_s' x1 + sigma_s' x0 | x_s]`` (linear: data minus noise).
+  """
+
+  def model_fn(x, s, y):
+    del y
+    if path == "linear":
+      a, sig, da, dsig = s, 1.0 - s, 1.0 + 0 * s, -1.0 + 0 * s
+    else:
+      h = np.pi / 2
+      a, sig = jnp.sin(h * s), jnp.cos(h * s)
+      da, dsig = h * jnp.cos(h * s), -h * jnp.sin(h * s)
+    data_mean, noise_mean = data.posterior(x, a, sig)
+    bc = lambda c: jnp.reshape(c, (-1,) + (1,) * (x.ndim - 1))
+    out = bc(da) * data_mean + bc(dsig) * noise_mean
+    if channels is not None:  # learned-sigma layout (SiT's 2C outputs)
+      out = jnp.concatenate([out, jnp.zeros_like(out)], -1)
+    return out
+
+  return model_fn
