@@ -10,9 +10,11 @@ kernel (and ("tpu",) the Mosaic one) rather than whatever the host runs.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
+from jax import export as jax_export
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
@@ -54,3 +56,43 @@ def gpu_params(num_warps: int = 4, num_stages: int = 2) -> plgpu.CompilerParams:
 
 def tpu_params(*dimension_semantics: str) -> pltpu.CompilerParams:
   return pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics))
+
+
+# The GPU that CUDA exports from a host without one compile the Triton kernels
+# for: since jax 0.11 the Triton lowering asks the device for its compute
+# capability, and on a CPU host only an abstract device can answer.
+EXPORT_GPU = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+TRITON_CALL = jax_export.DisabledSafetyCheck.custom_call(
+    "__gpu$xla.gpu.triton")
+
+
+@contextlib.contextmanager
+def gpu_lowering_target(device: jax.sharding.AbstractDevice = EXPORT_GPU):
+  """Lowers GPU kernels for `device` inside the block, whatever the host.
+
+  Keeps the axes of the current mesh (`jax.set_mesh`), so sharded programs
+  export too. Only needed on a host without that GPU.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    target = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
+  else:
+    target = mesh.update(abstract_device=device)
+  with jax.sharding.use_abstract_mesh(target):
+    yield
+
+
+def export_for(jitted: Callable, platform: str, *args,
+               gpu: jax.sharding.AbstractDevice = EXPORT_GPU):
+  """`jax.export` of a jitted function for one platform, from any host.
+
+  For "cuda"/"rocm" the Triton lowering targets `gpu` (an H100 by default)
+  and the Triton custom call is allowed in the export (it is not one of
+  jax.export's stable custom calls). Returns the `jax.export.Exported`.
+  """
+  if platform not in ("cuda", "rocm"):
+    return jax_export.export(jitted, platforms=(platform,))(*args)
+  with gpu_lowering_target(gpu):
+    return jax_export.export(jitted, platforms=(platform,),
+                             disabled_checks=[TRITON_CALL])(*args)

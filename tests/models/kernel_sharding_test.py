@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jdit import sharding
 from jdit.models import kernel_sharding
 from jdit.models.mixers import get_mixer
+from pallas_kernels import export_for
 
-TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 GRID = (8, 8)
 DIM, HEADS, BATCH = 64, 4, 8
 OPTIONS = {"local": {"window": 2}, "linear": {"conv_kernel": 0},
@@ -57,8 +56,7 @@ def _kernel_operand_elements(name, platform, mesh_sizes, devices=8):
     f = jax.jit(_loss_and_grad(mixer),
                 in_shardings=(NamedSharding(mesh, P()),
                               sharding.batch_sharding(mesh)))
-    text = export.export(f, platforms=(platform,), disabled_checks=[TRITON])(
-        params, x).mlir_module()
+    text = export_for(f, platform, params, x).mlir_module()
   calls = CALLS[platform].findall(text)
   assert calls, f"no kernel call in the {name} lowering for {platform}"
   total = 0

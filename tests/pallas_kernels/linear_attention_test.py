@@ -17,18 +17,17 @@ import importlib
 from absl.testing import parameterized
 import chex
 import jax
-from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import export_for
 from pallas_kernels import linear_attention_gpu as lgpu
 
 # The package re-exports the function under the module's name, so fetch the
 # module itself (for _Static / _kernel, the per-backend entry) explicitly.
 la = importlib.import_module("pallas_kernels.linear_attention")
 
-TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles so tiny test shapes still cover several tiles, several causal
 # chunks, several reduction splits and several tiles per program of the
 # parallel kernels, each with a ragged last one.
@@ -251,8 +250,7 @@ def test_poison_is_visible():
 
 
 def _export(f, platform, *shapes):
-  return export.export(jax.jit(f), platforms=(platform,),
-                       disabled_checks=[TRITON])(*shapes).mlir_module()
+  return export_for(jax.jit(f), platform, *shapes).mlir_module()
 
 
 class LinearAttentionLoweringTest(parameterized.TestCase):

@@ -20,11 +20,11 @@ import itertools
 from absl.testing import parameterized
 import chex
 import jax
-from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import export_for
 from pallas_kernels import local_attention as local_attention_fn
 from pallas_kernels import local_attention_kernels as lak
 from pallas_kernels import local_attention_tpu as lat
@@ -33,7 +33,6 @@ from pallas_kernels.local_attention_geometry import Geometry, block_table
 # The package re-exports the function under the module's name.
 la = importlib.import_module("pallas_kernels.local_attention")
 
-TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles so tiny grids still span several tiles, several key blocks per
 # query block, padded tiles and blocks of different sizes fwd/bwd.
 SMALL2 = la.BlockSizes(tile=(4, 8), block_q=32, block_k=16, block_q_bwd=16,
@@ -319,12 +318,9 @@ class LoweringTest(parameterized.TestCase):
     fwd = functools.partial(local_attention_fn, grid_shape=grid,
                             window=window, shape=shape)
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2)
-    checks = [TRITON] if platform == "cuda" else []
     marker = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     for fn, calls in ((fwd, 1), (jax.grad(loss, (0, 1, 2)), 3)):
-      exp = export.export(jax.jit(fn), platforms=(platform,),
-                          disabled_checks=checks)(spec, spec, spec)
-      text = exp.mlir_module()
+      text = export_for(jax.jit(fn), platform, spec, spec, spec).mlir_module()
       self.assertEqual(text.count(marker), calls)
 
 

@@ -19,11 +19,11 @@ import dataclasses
 import importlib
 
 import jax
-from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import export_for
 from pallas_kernels import selective_scan_calls as ssc
 from pallas_kernels import selective_scan_kernels as ssk
 from pallas_kernels import selective_scan_pallas as ssp
@@ -31,7 +31,6 @@ from pallas_kernels import selective_scan_pallas as ssp
 # The package re-exports the function under the module's name.
 ss = importlib.import_module("pallas_kernels.selective_scan")
 
-TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 # Small tiles: tiny shapes still span several channel tiles per group,
 # several chunks, left time padding and channel padding. Splits are auto
 # (the default is 1): on these shapes every chunk is its own segment.
@@ -381,9 +380,7 @@ def _export(platform, model, grad, block_sizes=None):
     return jnp.sum(y.astype(f32)) + jnp.sum(last)
 
   fn = jax.grad(loss, argnums=tuple(range(8))) if grad else fwd
-  exp = export.export(jax.jit(fn), platforms=(platform,),
-                      disabled_checks=[TRITON])(*args)
-  return exp.mlir_module()
+  return export_for(jax.jit(fn), platform, *args).mlir_module()
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
