@@ -184,8 +184,8 @@ def moe_model_options(model) -> dict:
 
   feizc/DiT-MoE's SparseMoeBlock: a bias-free router over E SwiGLU experts
   (bias-free gate/up/down projections), raw softmax gates of the top k, and
-  shared experts fused into one SwiGLU; its inference never drops a token,
-  which a capacity factor of E / k reproduces.
+  shared experts fused into one SwiGLU. Its inference never drops a token,
+  nor does ours (the MoE's default eval_capacity_factor).
   """
   from jdit.models.moe import MoE  # pylint: disable=g-import-not-at-top
   opts = MoE(hidden=int(model.hidden_size * model.mlp_ratio), parent=None,
@@ -267,23 +267,12 @@ def _infer_input_size(sd: Mapping[str, Any], patch_size: int) -> int | None:
 
 def resolve_dit_overrides(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
-  """`overrides` plus input_size from pos_embed when not given.
-
-  For DiT-MoE models, also the capacity that drops no token (as DiT-MoE's
-  own inference), unless mlp_options give one.
-  """
+  """`overrides` plus input_size from pos_embed when not given."""
   if "input_size" not in overrides:
     size = _infer_input_size(unwrap_state_dict(state_dict),
                              build_model(name).patch_size)
     if size is not None:
       overrides = dict(overrides, input_size=size)
-  model = build_model(name, **overrides)
-  options = dict(model.mlp_options or {})
-  if model.mlp == "moe" and "capacity_factor" not in dict(
-      overrides.get("mlp_options") or {}):
-    moe = moe_model_options(model)
-    options["capacity_factor"] = moe.num_experts / moe.top_k
-    overrides = dict(overrides, mlp_options=options)
   return overrides
 
 

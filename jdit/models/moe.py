@@ -3,8 +3,9 @@
 `MoE` replaces a block's MLP (`mlp="moe"`): a float32 router picks the top-k
 of `num_experts` expert MLPs per token, each expert takes at most `capacity`
 tokens per group (one group = one sample's sequence, so routing never depends
-on how the batch is split over devices), overflowing tokens are dropped (they
-get only the shared experts; the block's residual carries them on), and
+on how the batch is split over devices), overflowing tokens are dropped in
+training (they get only the shared experts; the block's residual carries them
+on) but not in sampling (`eval_capacity_factor`), and
 `num_shared_experts` always-on experts see every token (DiT-MoE).
 
 Experts are one stacked weight per layer with logical axis "expert" on the
@@ -166,7 +167,11 @@ class MoE(nn.Module):
     top_k: experts per token k (1 <= k <= E).
     num_shared_experts: always-on experts, fused into one MLP of width
       num_shared_experts * shared_expert_hidden.
-    capacity_factor: slots per expert = ceil(k * L * factor / E) (> 0).
+    capacity_factor: slots per expert = ceil(k * L * factor / E) (> 0), in
+      training.
+    eval_capacity_factor: the same when deterministic (sampling,
+      evaluation); None: E / k, so that no token loses an expert, as
+      DiT-MoE's inference.
     expert_hidden: routed expert width (default `hidden`).
     shared_expert_hidden: width of one shared expert (default expert width;
       DiT-MoE uses D).
@@ -197,6 +202,7 @@ class MoE(nn.Module):
   top_k: int = 2
   num_shared_experts: int = 0
   capacity_factor: float = 1.25
+  eval_capacity_factor: float | None = None
   expert_hidden: int | None = None
   shared_expert_hidden: int | None = None
   expert_act: str = "gelu"
@@ -256,7 +262,6 @@ class MoE(nn.Module):
 
   @nn.compact
   def __call__(self, x, c=None, deterministic=True, t=None):
-    del deterministic  # routing is the same in training and inference
     b, s, d = x.shape
     e, k = self.num_experts, self.top_k
     # Checked before any parameter exists: creating a sharded expert
@@ -289,7 +294,10 @@ class MoE(nn.Module):
           bias_init=nn.with_logical_partitioning(
               nn.initializers.zeros_init(), (None,)),
           name="router_c")(nn.silu(c.astype(jnp.float32)))[:, None]
-    cap = capacity(s, e, k, self.capacity_factor)
+    factor = self.capacity_factor
+    if deterministic:
+      factor = self.eval_capacity_factor or e / k
+    cap = capacity(s, e, k, factor)
     r = route(logits, k, cap, self.renormalize)
 
     if self.balance_loss_weight:
@@ -332,6 +340,9 @@ def check_options(m) -> None:
                      f"got {m.top_k}")
   if not m.capacity_factor > 0:
     raise ValueError(f"capacity_factor must be > 0, got {m.capacity_factor}")
+  if m.eval_capacity_factor is not None and not m.eval_capacity_factor > 0:
+    raise ValueError(f"eval_capacity_factor must be > 0 (or None: no "
+                     f"dropping), got {m.eval_capacity_factor}")
   if m.num_shared_experts < 0:
     raise ValueError(f"num_shared_experts must be >= 0, got "
                      f"{m.num_shared_experts}")

@@ -8,9 +8,9 @@ shared experts fused into one SwiGLU of width 2D, a bias-free router and the
 expert-level balance loss with alpha = 0.01. Parameter counts (see
 `param_counts`) agree with the paper's totals and activated counts.
 
-Differences from the paper's code: routing has a capacity (factor 1.25 by
-default; override `mlp_options`) where the PyTorch loop never drops tokens,
-and the router z-loss (1e-3) is on.
+Differences from the paper's code: training routes with a capacity (factor
+1.25 by default; override `mlp_options`) where the PyTorch loop never drops
+tokens (sampling drops none, as there), and the router z-loss (1e-3) is on.
 """
 from __future__ import annotations
 

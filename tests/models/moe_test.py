@@ -81,6 +81,24 @@ def test_combine_weights_sum():
   assert float(r.dispatch.sum(1).max()) == 1.0
 
 
+def test_training_drops_tokens_sampling_does_not():
+  m = moe.MoE(hidden=16, num_experts=4, top_k=2, capacity_factor=0.5)
+  x = jax.random.normal(jax.random.key(0), (2, 12, 8))
+  params = m.init(jax.random.key(1), x)["params"]
+  dropped = lambda train: float(m.apply(
+      {"params": params}, x, None, not train,
+      mutable=["intermediates"])[1]["intermediates"]["dropped_fraction"][0])
+  assert dropped(train=True) >= 0.5       # half the slots the choices need
+  assert dropped(train=False) == 0.0      # eval_capacity_factor None: E / k
+  out = m.apply({"params": params}, x)    # deterministic by default
+  full = moe.MoE(hidden=16, num_experts=4, top_k=2, capacity_factor=2.0)
+  np.testing.assert_allclose(out, full.apply({"params": params}, x, None,
+                                             False), rtol=1e-6)
+  half = moe.MoE(hidden=16, num_experts=4, top_k=2, eval_capacity_factor=0.5)
+  assert float(half.apply({"params": params}, x, mutable=["intermediates"])[1][
+      "intermediates"]["dropped_fraction"][0]) >= 0.5
+
+
 # --- auxiliary losses --------------------------------------------------------
 
 
@@ -188,8 +206,8 @@ def test_prior_loss_inside_dit_gets_timesteps():
 
 
 def _moe_loss(m, c):
-  def loss(params, x):
-    y, state = m.apply({"params": params}, x, c, mutable=["aux_loss"])
+  def loss(params, x):  # training routing: with capacity, tokens drop
+    y, state = m.apply({"params": params}, x, c, False, mutable=["aux_loss"])
     return jnp.sum(y * jnp.cos(y)) + sum(jax.tree.leaves(state)), (y, state)
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
@@ -282,6 +300,7 @@ def test_param_counts_match_paper():
 @pytest.mark.parametrize("kw,match", [
     (dict(capacity_factor=0.0), "capacity_factor must be > 0, got 0.0"),
     (dict(capacity_factor=-1), "capacity_factor"),
+    (dict(eval_capacity_factor=0.0), "eval_capacity_factor must be > 0"),
     (dict(top_k=9), r"top_k must be in \[1, num_experts=8\], got 9"),
     (dict(top_k=0), "top_k"),
     (dict(num_experts=0), "num_experts must be >= 1"),
