@@ -26,7 +26,7 @@ P = jax.sharding.PartitionSpec
 
 
 def _attention_layout(arrays, mesh, options):
-  """q, k, v and the output: (B, N, heads, head_dim), split alike."""
+  """q, k, v and the output: (B, N or M, heads, head_dim), split alike."""
   del options
   specs = {k: _fit(("act_batch", None, "heads", None), v.shape, mesh)
            for k, v in arrays.items()}
@@ -59,6 +59,7 @@ def _scan_layout(arrays, mesh, options):
 
 # name -> (array argument names in signature order, layout function)
 _LAYOUTS = {
+    "dot_product_attention": (("q", "k", "v"), _attention_layout),
     "local_attention": (("q", "k", "v"), _attention_layout),
     "linear_attention": (("q", "k", "v"), _attention_layout),
     "selective_scan": (("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),

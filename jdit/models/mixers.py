@@ -14,13 +14,14 @@ field are rejected with the list of the ones it does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jdit.models import kernel_sharding
 
 MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -127,29 +128,14 @@ def out_projection(o, *, dtype, param_dtype, name="proj", kernel_init=None):
                     name=name)(o)
 
 
-def attention(q, k, v, mask=None):
-  """Dense attention, (B, L, heads, head_dim) -> same; cuDNN flash on GPU.
+def attention(q, k, v, impl="auto"):
+  """Dense attention, (B, N, heads, d) x (B, M, heads, d) -> (B, N, heads, d).
 
-  jax.nn.dot_product_attention's default ("xla") materialises the full score
-  matrix on GPU, so on CUDA with 16-bit inputs and a head_dim cuDNN supports
-  (multiple of 8, <= 128) this asks for implementation="cudnn" explicitly.
-  The platform is chosen at lowering time; if cuDNN cannot be used there
-  (e.g. exporting for CUDA from a CPU-only machine, where the cuDNN version
-  cannot be queried), it falls back to the XLA implementation.
+  cuDNN flash attention on GPU, splash attention on TPU
+  (`pallas_kernels.dot_product_attention`; XLA's default would materialise
+  the score matrix), run per shard under a mesh (jdit.models.kernel_sharding).
   """
-  xla = functools.partial(jax.nn.dot_product_attention, mask=mask)
-  head_dim = q.shape[-1]
-  if (mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16)
-      or head_dim % 8 or head_dim > 128):
-    return xla(q, k, v)
-
-  def cuda(q, k, v):
-    try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    except (RuntimeError, ValueError, NotImplementedError):
-      return xla(q, k, v)
-
-  return jax.lax.platform_dependent(q, k, v, cuda=cuda, default=xla)
+  return kernel_sharding.kernel("dot_product_attention")(q, k, v, impl=impl)
 
 
 @register_mixer("attention")
@@ -158,11 +144,12 @@ class Attention(nn.Module):
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  impl: str = "auto"  # pallas_kernels.dot_product_attention's
 
   @nn.compact
   def __call__(self, x, *, grid_shape, deterministic=True):
     del grid_shape, deterministic
     q, k, v = qkv_projection(x, self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    o = attention(q, k, v)
+    o = attention(q, k, v, self.impl)
     return out_projection(o, dtype=self.dtype, param_dtype=self.param_dtype)

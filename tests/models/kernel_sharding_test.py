@@ -36,24 +36,25 @@ TENSOR = re.compile(r"tensor<((?:\d+x)+)[a-z0-9]+>")
 
 def _mixer(name, impl="auto"):
   return get_mixer(name)(num_heads=HEADS, dtype=jnp.bfloat16, impl=impl,
-                         **OPTIONS[name])
+                         **OPTIONS.get(name, {}))
 
 
-def _loss_and_grad(mixer):
+def _loss_and_grad(mixer, grid=GRID):
   def loss(params, x):
-    y = mixer.apply(params, x, grid_shape=GRID)
+    y = mixer.apply(params, x, grid_shape=grid)
     return jnp.sum(y.astype(jnp.float32) ** 2)
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def _kernel_operand_elements(name, platform, mesh_sizes, devices=8):
+def _kernel_operand_elements(name, platform, mesh_sizes, devices=8,
+                             grid=GRID):
   """Elements of the kernel calls' activation operands in the lowering."""
   mixer = _mixer(name)
-  x = jnp.zeros((BATCH, math.prod(GRID), DIM), jnp.bfloat16)
-  params = nn.unbox(mixer.init(jax.random.PRNGKey(0), x, grid_shape=GRID))
+  x = jnp.zeros((BATCH, math.prod(grid), DIM), jnp.bfloat16)
+  params = nn.unbox(mixer.init(jax.random.PRNGKey(0), x, grid_shape=grid))
   mesh = sharding.create_mesh(mesh_sizes, jax.devices()[:devices])
   with sharding.use_mesh(mesh):
-    f = jax.jit(_loss_and_grad(mixer),
+    f = jax.jit(_loss_and_grad(mixer, grid),
                 in_shardings=(NamedSharding(mesh, P()),
                               sharding.batch_sharding(mesh)))
     text = export_for(f, platform, params, x).mlir_module()
@@ -63,7 +64,9 @@ def _kernel_operand_elements(name, platform, mesh_sizes, devices=8):
   for operands in calls:
     for dims in TENSOR.findall(operands):
       shape = [int(d) for d in dims.rstrip("x").split("x")]
-      if len(shape) >= 3:  # activations; not the kernels' small tables
+      # Activations; not the kernels' small tables (e.g. splash's 1x1x1
+      # block masks, the same on every shard).
+      if len(shape) >= 3 and math.prod(shape) > 1:
         total += math.prod(shape)
   return total
 
@@ -82,6 +85,15 @@ def test_kernels_lower_per_shard(name, platform):
   # padding to the kernel's tile may round a halved channel count up.
   assert both * 8 <= whole * 1.25, (both, whole)
   assert both * 4 <= whole
+
+
+def test_dense_attention_runs_splash_per_shard_on_tpu():
+  # 128 tokens: the shortest sequence splash attention takes.
+  count = lambda *a, **k: _kernel_operand_elements(
+      "attention", "tpu", *a, grid=(16, 8), **k)
+  whole = count({}, devices=1)
+  assert count({"data": 8}) * 8 == whole
+  assert count({"data": 4, "tensor": 2}) * 8 == whole
 
 
 @pytest.mark.parametrize("name", ["local", "mamba"])
