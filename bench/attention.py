@@ -1,9 +1,10 @@
 """Benchmark: local (windowed) attention vs dense attention.
 
 Prints one JSON line per measurement: local attention (pallas_kernels), dense
-attention without a mask (jax.nn.dot_product_attention, cuDNN on GPU when it
-accepts the inputs) and dense attention with the window as an explicit mask,
-forward and forward+backward, for several grids and radii.
+attention without a mask (cuDNN on GPU and splash attention on TPU when they
+accept the inputs, as jdit's attention mixer runs it, else XLA) and dense
+attention with the window as an explicit mask, forward and forward+backward,
+for several grids and radii.
 
 Fields: what, mode (fwd | fwd_bwd), shape, device, jax, time_ms (median),
 tflops (effective: FLOPs of the visible query/key pairs only, i.e. the
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timing import time_ms
+from pallas_kernels import dot_product_attention
 from pallas_kernels.local_attention import (BlockSizes, local_attention,
                                             visited_fraction)
 
@@ -54,6 +56,9 @@ def _window_mask(grid, window, shape):
 
 
 def _dense(implementation, mask=None):
+  if implementation == "splash":  # TPU: what jdit's attention mixer runs
+    return functools.partial(dot_product_attention, impl="pallas")
+
   def f(q, k, v):
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if mask is None else mask[None, None],
@@ -120,9 +125,11 @@ def main():
     shape_info = dict(grid=list(grid), batch=args.batch, heads=args.heads,
                       head_dim=args.head_dim, dtype=str(dtype))
 
-    # Dense ceiling: cuDNN on GPU when it takes the inputs, else XLA.
+    # Dense ceiling: cuDNN on GPU, splash on TPU, when they take the
+    # inputs, else XLA.
     dense_impl, dense_ms = None, {}
-    for cand in (["cudnn", None] if on_gpu else [None]):
+    first = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(dev.platform, [])
+    for cand in first + [None]:
       try:
         f = jax.jit(_dense(cand))
         dense_ms = {"fwd": time_ms(f, (q, k, v), args.iters, args.warmup),
