@@ -157,6 +157,7 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
 
   linear("t_embedder.mlp.0", ("t_embedder", "fc1"), d, 256)
   linear("t_embedder.mlp.2", ("t_embedder", "fc2"), d, d)
+  moe = _dit_moe_feedforward(model) if model.mlp == "moe" else None
   for i in range(model.depth):
     t, f = f"blocks.{i}", (f"blocks_{i}",)
     out[f"{t}.attn.qkv.weight"] = ((3 * d, d), "qkv", f + ("attn", "qkv",
@@ -166,8 +167,8 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
     out[f"{t}.attn.proj.weight"] = ((d, d), "proj", f + ("attn", "proj",
                                                          "kernel"))
     out[f"{t}.attn.proj.bias"] = ((d,), "id", f + ("attn", "proj", "bias"))
-    if model.mlp == "moe":
-      out.update(_dit_moe_layout(model, t, f + ("mlp",)))
+    if moe is not None:
+      out.update(_dit_moe_layout(d, moe, t, f + ("mlp",)))
     else:
       linear(f"{t}.mlp.fc1", f + ("mlp", "fc1"), hidden, d)
       linear(f"{t}.mlp.fc2", f + ("mlp", "fc2"), d, hidden)
@@ -179,30 +180,27 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
   return out
 
 
-def moe_model_options(model) -> dict:
-  """The MoE options of a DiT-MoE model, checked against DiT-MoE's layer.
+def _dit_moe_feedforward(model):
+  """The model's MoE layer (unbound), checked against DiT-MoE's layer.
 
   feizc/DiT-MoE's SparseMoeBlock: a bias-free router over E SwiGLU experts
   (bias-free gate/up/down projections), raw softmax gates of the top k, and
   shared experts fused into one SwiGLU. Its inference never drops a token,
   nor does ours (the MoE's default eval_capacity_factor).
   """
-  from jdit.models.moe import MoE  # pylint: disable=g-import-not-at-top
-  opts = MoE(hidden=int(model.hidden_size * model.mlp_ratio), parent=None,
-             **dict(model.mlp_options or {}))
+  moe = model.feedforward()
   wanted = dict(expert_act="swiglu", router_input="tokens", renormalize=False)
-  wrong = {k: getattr(opts, k) for k, v in wanted.items()
-           if getattr(opts, k) != v}
+  wrong = {k: getattr(moe, k) for k, v in wanted.items()
+           if getattr(moe, k) != v}
   if wrong:
     raise ValueError(f"DiT-MoE checkpoints need mlp_options {wanted}, got "
                      f"{wrong}")
-  return opts
+  return moe
 
 
-def _dit_moe_layout(model, t, f):
-  """DiT-MoE's `blocks.i.moe.*` keys of one block (see moe_model_options)."""
-  moe = moe_model_options(model)
-  d, e, h = model.hidden_size, moe.num_experts, moe.expert_width
+def _dit_moe_layout(d, moe, t, f):
+  """DiT-MoE's `blocks.i.moe.*` keys of one block of width d."""
+  e, h = moe.num_experts, moe.expert_width
   out = {f"{t}.moe.gate.weight": ((e, d), "linear", f + ("router", "kernel"))}
   for j in range(e):
     for name, shape, ours in (("gate_proj", (h, d), "gate_kernel"),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert_test import SMALL, TINY, TorchBlock, _modulate, _torch_dit
+from convert_test import SMALL, TINY, TorchBlock, _torch_dit
 from jdit import checkpoint, convert, convert_cli
 from jdit.models import build_model
 from jdit.models.moe_models import dit_moe_options
@@ -68,10 +68,8 @@ class TorchMoEBlock(TorchBlock):
     del self.mlp
     self.moe = TorchMoE(dim, EXPERTS, TOP_K)
 
-  def forward(self, x, c):
-    sa, ca, ga, sm, cm, gm = self.adaLN_modulation(c).chunk(6, dim=1)
-    x = x + ga.unsqueeze(1) * self.attn(_modulate(self.norm1(x), sa, ca))
-    return x + gm.unsqueeze(1) * self.moe(_modulate(self.norm2(x), sm, cm))
+  def feedforward(self, x):
+    return self.moe(x)
 
 
 def _torch_dit_moe(seed=0):

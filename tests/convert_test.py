@@ -75,7 +75,11 @@ class TorchBlock(tnn.Module):
   def forward(self, x, c):
     sa, ca, ga, sm, cm, gm = self.adaLN_modulation(c).chunk(6, dim=1)
     x = x + ga.unsqueeze(1) * self.attn(_modulate(self.norm1(x), sa, ca))
-    return x + gm.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), sm, cm))
+    return x + gm.unsqueeze(1) * self.feedforward(
+        _modulate(self.norm2(x), sm, cm))
+
+  def feedforward(self, x):
+    return self.mlp(x)
 
 
 class TorchFinal(tnn.Module):

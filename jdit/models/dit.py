@@ -254,14 +254,18 @@ class DiT(ImageBackbone, nn.Module):
         raise ValueError(f"mixer_layers must be distinct block indices in "
                          f"[0, depth={self.depth}), or None for every "
                          f"block; got {self.mixer_layers!r}")
-    options = dict(self.mlp_options or {})
     try:  # an unbound instance checks the options (MoE validates its own)
-      get_feedforward(self.mlp)(hidden=int(self.hidden_size * self.mlp_ratio),
-                                parent=None, **options)
+      self.feedforward()
     except TypeError as e:
-      raise ValueError(f"bad mlp_options {options} for mlp {self.mlp!r}: "
-                       f"{e}") from e
+      raise ValueError(f"bad mlp_options {dict(self.mlp_options or {})} for "
+                       f"mlp {self.mlp!r}: {e}") from e
     self.check_common()
+
+  def feedforward(self) -> nn.Module:
+    """The blocks' feed-forward layer, unbound: its options, defaults filled."""
+    return get_feedforward(self.mlp)(
+        hidden=int(self.hidden_size * self.mlp_ratio), parent=None,
+        **dict(self.mlp_options or {}))
 
   def block_mixer(self, i: int):
     """(mixer name, mixer options) of block i."""

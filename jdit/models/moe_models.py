@@ -71,8 +71,8 @@ def param_counts(model, input_size: int | None = None) -> tuple[int, int]:
     total += n
     if path[-1] in ROUTED_PARAMS:
       routed += n
-  opts = dict(model.mlp_options or {})
   if model.mlp != "moe":
     return total, total
-  e, k = opts.get("num_experts", 8), opts.get("top_k", 2)
+  moe = model.feedforward()
+  e, k = moe.num_experts, moe.top_k
   return total, total - routed * (e - k) // e
