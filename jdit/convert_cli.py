@@ -6,6 +6,9 @@
       --model DiT-XL/2 --objective sit --vae sd-vae-ft-ema/ --out DIR
   python -m jdit.convert vae \
       --checkpoint diffusion_pytorch_model.safetensors --out DIR
+  python -m jdit.convert vae \
+      --checkpoint vavae-imagenet256-f16d32-dinov2.pt \
+      --latent_stats latents_stats.pt --out DIR
 
 `dit` writes a checkpoint that `python sample.py --checkpoint DIR` loads (the
 converted weights as EMA params, the config of configs/dit_imagenet256.py
@@ -203,7 +206,7 @@ def convert_vae_cmd(args) -> str:
   check_out_dir(args.out)
   model, params = convert_vae.load_diffusers_vae(
       args.checkpoint, scale_factor=args.scale_factor,
-      norm_num_groups=args.norm_num_groups)
+      norm_num_groups=args.norm_num_groups, latent_stats=args.latent_stats)
   with atomic_directory(args.out) as tmp:
     vae_lib.save_vae(tmp, model, params)
   return os.path.abspath(args.out)
@@ -240,14 +243,22 @@ def main(argv=None):
   d.add_argument("--scale_factor", type=float, default=None,
                  help="latent scale (default: the VAE's, 0.18215)")
   d.add_argument("--out", required=True)
-  v = sub.add_parser("vae", help="diffusers AutoencoderKL weights")
+  v = sub.add_parser("vae", help="diffusers or CompVis/LDM AutoencoderKL "
+                                 "weights (SD-VAE, VA-VAE)")
   v.add_argument("--checkpoint", required=True,
                  help="diffusion_pytorch_model.safetensors/.bin or its "
-                      "directory")
+                      "directory, or an LDM checkpoint (VA-VAE's .pt, an SD "
+                      ".ckpt: its first_stage_model)")
   v.add_argument("--norm_num_groups", type=int, default=None,
                  help="GroupNorm groups (default: config.json's, else 32)")
+  v.add_argument("--latent_stats", default=None,
+                 help="per-channel latent mean/std the diffusion models "
+                      "normalise by, e.g. LightningDiT's latents_stats.pt "
+                      "(keys 'mean', 'std')")
   v.add_argument("--scale_factor", type=float, default=None,
-                 help="latent scale (default: config.json's, else 0.18215)")
+                 help="latent scale, applied after --latent_stats (default: "
+                      "config.json's, else 1.0 with --latent_stats, else "
+                      "0.18215)")
   v.add_argument("--out", required=True)
   args = parser.parse_args(argv)
   try:

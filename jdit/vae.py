@@ -1,9 +1,12 @@
-"""The Stable Diffusion VAE (AutoencoderKL, f8, 4 latent channels) in Flax.
+"""KL autoencoders in Flax: the Stable Diffusion VAE (f8, 4 latent channels)
+and LightningDiT's VA-VAE (f16, 32 channels, attention at the lowest level).
 
 Follows the architecture of diffusers' AutoencoderKL (Encoder, Decoder,
 ResnetBlock2D, single-head mid-block attention, Downsample2D with asymmetric
-(0, 1) padding, nearest-neighbour Upsample2D) so that diffusers weights such
-as stabilityai/sd-vae-ft-ema and -mse convert one-to-one
+(0, 1) padding, nearest-neighbour Upsample2D; optionally single-head attention
+after each resnet of some levels, as AttnDownEncoderBlock2D and CompVis/LDM's
+attn_resolutions) so that diffusers weights such as stabilityai/sd-vae-ft-ema
+and CompVis/LDM first-stage weights such as VA-VAE's convert one-to-one
 (`jdit.convert.vae_params_from_torch`). Channels-last throughout.
 
   model = AutoencoderKL()                      # SD-VAE defaults
@@ -14,7 +17,11 @@ as stabilityai/sd-vae-ft-ema and -mse convert one-to-one
 (B, h, w, 4) and returns (B, 8h, 8w, 3) images clipped to [-1, 1]. Diffusion
 models work on latents multiplied by `scale_factor` (0.18215 for SD-VAE); the
 factor lives in this module's config and in converted checkpoints, and
-callers divide by it before `decode` (see `load_vae`).
+callers divide by it before `decode` (see `load_vae`). VA-VAE's diffusion
+models instead see latents normalised per channel, (z - latents_mean) /
+latents_std * scale_factor (LightningDiT's latent_norm with latent_multiplier
+= scale_factor); `normalize_latents` / `denormalize_latents` apply whichever
+the module's config describes, so callers need not know which VAE it is.
 """
 from __future__ import annotations
 
@@ -107,6 +114,7 @@ class Encoder(nn.Module):
   layers_per_block: int = 2
   groups: int = 32
   mid_block_attention: bool = True
+  attention_levels: Sequence[int] = ()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -117,6 +125,9 @@ class Encoder(nn.Module):
       for j in range(self.layers_per_block):
         x = ResnetBlock(ch, self.groups, self.dtype,
                         name=f"down_blocks_{i}_resnets_{j}")(x)
+        if i in self.attention_levels:
+          x = AttentionBlock(self.groups, self.dtype,
+                             name=f"down_blocks_{i}_attentions_{j}")(x)
       if i < len(chans) - 1:
         # diffusers' Downsample2D: pad right/bottom by one, 3x3 stride 2.
         x = _conv(ch, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
@@ -135,6 +146,7 @@ class Decoder(nn.Module):
   layers_per_block: int = 2
   groups: int = 32
   mid_block_attention: bool = True
+  attention_levels: Sequence[int] = ()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -144,10 +156,15 @@ class Decoder(nn.Module):
     x = MidBlock(self.groups, self.mid_block_attention, self.dtype,
                  name="mid_block")(x)
     for i, ch in enumerate(chans):
+      # up_blocks_i works at level len - 1 - i (the lowest resolution first).
+      attention = len(chans) - 1 - i in self.attention_levels
       # Decoder blocks have one more resnet than encoder blocks (diffusers).
       for j in range(self.layers_per_block + 1):
         x = ResnetBlock(ch, self.groups, self.dtype,
                         name=f"up_blocks_{i}_resnets_{j}")(x)
+        if attention:
+          x = AttentionBlock(self.groups, self.dtype,
+                             name=f"up_blocks_{i}_attentions_{j}")(x)
       if i < len(chans) - 1:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
         x = _conv(ch, dtype=self.dtype, name=f"up_blocks_{i}_upsample")(x)
@@ -156,7 +173,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-  """diffusers-compatible KL autoencoder; SD-VAE (f8, 4 channels) defaults.
+  """diffusers/LDM-compatible KL autoencoder; SD-VAE (f8, 4 ch) defaults.
 
   Attributes:
     in_channels / out_channels: image channels.
@@ -167,9 +184,17 @@ class AutoencoderKL(nn.Module):
       more).
     norm_num_groups: GroupNorm groups.
     mid_block_attention: whether the mid blocks have self-attention.
+    attention_levels: levels (indices into block_out_channels, 0 = full
+      resolution) whose encoder and decoder blocks have self-attention after
+      each resnet; LDM's attn_resolutions (VA-VAE: (4,), attention at 16px
+      of a 256px image). Empty for SD-VAE.
     use_quant_conv / use_post_quant_conv: the 1x1 convs around the latent.
     scale_factor: multiply latents by this for diffusion models (0.18215 for
-      SD-VAE); not applied inside encode/decode.
+      SD-VAE, LightningDiT's latent_multiplier 1.0 for VA-VAE); not applied
+      inside encode/decode.
+    latents_mean / latents_std: per-channel statistics (latent_channels
+      floats each) subtracted and divided before scale_factor; None for no
+      per-channel normalisation (SD-VAE).
     dtype: compute dtype (params stay float32).
   """
   in_channels: int = 3
@@ -182,17 +207,51 @@ class AutoencoderKL(nn.Module):
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   scale_factor: float = SD_VAE_SCALE_FACTOR
+  latents_mean: Sequence[float] | None = None
+  latents_std: Sequence[float] | None = None
+  attention_levels: Sequence[int] = ()
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Checked at construction, so a bad config or stats file fails when it is
+    # loaded, not when the first batch is decoded.
+    levels = len(self.block_out_channels)
+    bad = [i for i in self.attention_levels if not 0 <= i < levels]
+    if bad:
+      raise ValueError(f"attention_levels {tuple(self.attention_levels)} must "
+                       f"index the {levels} levels of block_out_channels")
+    check_latent_stats(self.latents_mean, self.latents_std,
+                       self.latent_channels)
+    super().__post_init__()
 
   @property
   def downsample_factor(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
 
+  @nn.nowrap
+  def normalize_latents(self, z):
+    """VAE latents (B, h, w, C) -> what diffusion models see."""
+    if self.latents_mean is not None:
+      z = (z - jnp.asarray(self.latents_mean, jnp.float32)) / jnp.asarray(
+          self.latents_std, jnp.float32)
+    return z * self.scale_factor
+
+  @nn.nowrap
+  def denormalize_latents(self, x):
+    """Inverse of normalize_latents: diffusion-model latents -> VAE latents
+    (what `decode` takes)."""
+    z = x / self.scale_factor
+    if self.latents_mean is not None:
+      z = z * jnp.asarray(self.latents_std, jnp.float32) + jnp.asarray(
+          self.latents_mean, jnp.float32)
+    return z
+
   def setup(self):
     kw = dict(block_out_channels=tuple(self.block_out_channels),
               layers_per_block=self.layers_per_block,
               groups=self.norm_num_groups,
-              mid_block_attention=self.mid_block_attention, dtype=self.dtype)
+              mid_block_attention=self.mid_block_attention,
+              attention_levels=tuple(self.attention_levels), dtype=self.dtype)
     self.encoder = Encoder(self.latent_channels, **kw)
     self.decoder = Decoder(self.out_channels, **kw)
     if self.use_quant_conv:
@@ -223,6 +282,10 @@ class AutoencoderKL(nn.Module):
       z = self.post_quant_conv(z)
     return jnp.clip(self.decoder(z).astype(jnp.float32), -1.0, 1.0)
 
+  def decode_latents(self, x):
+    """Diffusion-model latents (normalised, scaled) -> images in [-1, 1]."""
+    return self.decode(self.denormalize_latents(x))
+
   def __call__(self, x, rng=None):
     """Reconstruction: decode(mean), or of a posterior sample given rng."""
     mean, logvar = self.encode(x)
@@ -230,6 +293,28 @@ class AutoencoderKL(nn.Module):
     if rng is not None:
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self.decode(z)
+
+
+def check_latent_stats(mean, std, channels: int, what: str = "the VAE config"
+                       ) -> None:
+  """Raises ValueError unless mean/std are both None or both `channels`
+  finite floats, std positive."""
+  if mean is None and std is None:
+    return
+  if mean is None or std is None:
+    raise ValueError(f"{what}: latents_mean and latents_std must be given "
+                     f"together (got only "
+                     f"{'latents_mean' if std is None else 'latents_std'})")
+  for name, v in (("latents_mean", mean), ("latents_std", std)):
+    v = np.asarray(v, np.float64)
+    if v.shape != (channels,):
+      raise ValueError(f"{what}: {name} has {v.size} values (shape "
+                       f"{v.shape}), expected one per latent channel "
+                       f"({channels},)")
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"{what}: {name} is not finite")
+  if np.any(np.asarray(std) <= 0):
+    raise ValueError(f"{what}: latents_std must be positive")
 
 
 def config_of(model: AutoencoderKL) -> dict:
@@ -276,7 +361,8 @@ def load_vae(path: str, dtype: Any = jnp.float32
                               f"{PARAMS_FILE}")
     with open(params_path, "rb") as f:
       params = serialization.msgpack_restore(f.read())
-    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+    # JSON lists back to tuples: module fields must be hashable.
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     model = AutoencoderKL(**cfg, dtype=dtype)
     return model, params, model.scale_factor
   model, params = convert_vae.load_diffusers_vae(path, dtype=dtype)

@@ -131,7 +131,8 @@ def test_errors():
   with pytest.raises(convert.CheckpointMismatchError,
                      match="not a diffusers AutoencoderKL"):
     convert.vae_params_from_torch({"x_embedder.proj.weight": np.zeros(3)})
-  with pytest.raises(convert.CheckpointMismatchError, match="CompVis"):
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match="not a CompVis/LDM AutoencoderKL state dict"):
     convert.vae_params_from_torch(
         {"encoder.down.0.block.0.norm1.weight": np.zeros(3)})
   sd = dict(_torch_vae().state_dict())

@@ -224,12 +224,12 @@ def extract(args: argparse.Namespace) -> dict:
   _sync("extract_latents_written")
   stats = {}
   if host == 0:
-    stats = _finalize(args, tmp, out, feats, hosts, shape, scale, source)
+    stats = _finalize(args, tmp, out, feats, hosts, shape, module, source)
   _sync("extract_latents_done")
   return stats
 
 
-def _finalize(args, tmp, out, feats, hosts, shape, scale, source) -> dict:
+def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
   """Host 0: names the shards as TFDS does, writes metadata and stats, and
   moves the finished dataset to `out`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -252,23 +252,32 @@ def _finalize(args, tmp, out, feats, hosts, shape, scale, source) -> dict:
       data_dir=tmp, features=feats, check_data=False,
       split_infos=[tfds.core.SplitInfo(name=args.split, shard_lengths=lengths,
                                        num_bytes=0)],
-      description=f"SD-VAE latent moments of {args.source} "
+      description=f"VAE latent moments of {args.source} "
       f"({args.image_size}px), written by jdit.data.extract_latents.")
   count = total * shape[0] * shape[1]
   mean = sums[0] / count
   std = np.sqrt(np.maximum(sums[1] / count - mean ** 2 + sums[2] / count, 0))
+  scale = module.scale_factor
+  # What the diffusion model sees: per-channel normalised (VA-VAE), scaled.
+  shift, divisor = 0.0, 1.0
+  if module.latents_mean is not None:
+    shift = np.asarray(module.latents_mean, np.float64)
+    divisor = np.asarray(module.latents_std, np.float64)
   stats = {
       "source": args.source, "folder": args.folder, "split": args.split,
       "image_size": args.image_size, "latent_shape": list(shape),
       "num_examples": total, "num_images": len(source),
       "flip": args.flip, "num_classes": source.num_classes,
       "vae": args.vae, "scale_factor": float(scale), "dtype": args.dtype,
+      "latents_mean": _list_or_none(module.latents_mean),
+      "latents_std": _list_or_none(module.latents_std),
       # Statistics of z = mean + std * eps, unscaled, over all examples and
-      # positions; scaled_* are after multiplying by scale_factor.
+      # positions; scaled_* are of what the model sees (after the VAE's
+      # per-channel normalisation, if any, and scale_factor).
       "channel_mean": mean.tolist(), "channel_std": std.tolist(),
       "channel_posterior_std": np.sqrt(sums[2] / count).tolist(),
-      "scaled_channel_mean": (mean * scale).tolist(),
-      "scaled_channel_std": (std * scale).tolist(),
+      "scaled_channel_mean": ((mean - shift) / divisor * scale).tolist(),
+      "scaled_channel_std": (std / divisor * scale).tolist(),
   }
   with open(os.path.join(tmp, latents.STATS_FILE), "w") as fh:
     json.dump(stats, fh, indent=2)
@@ -281,6 +290,10 @@ def _finalize(args, tmp, out, feats, hosts, shape, scale, source) -> dict:
   else:
     os.rename(tmp, out)
   return stats
+
+
+def _list_or_none(values):
+  return None if values is None else [float(v) for v in values]
 
 
 def main(argv=None) -> None:

@@ -10,9 +10,11 @@ of the VAE posterior, a diagonal Gaussian, per image:
 
 Training draws z = mean + std * eps afresh at every step (what DiT's online
 encoding did with `.sample()`, and what REPA / EDM2 do from stored moments)
-and multiplies by the VAE's scale factor. Beside the dataset,
-`latent_stats.json` records the VAE, image size, scale factor and per-channel
-statistics of z.
+and multiplies by the VAE's scale factor, after normalising per channel for
+VAEs that have latents_mean / latents_std (VA-VAE:
+jdit.vae.AutoencoderKL.normalize_latents). Beside the dataset,
+`latent_stats.json` records the VAE, image size, its scale factor and
+per-channel normalisation, and per-channel statistics of z.
 
 Datasets registered here (config.data.name; config.data.data_dir is the
 extraction's --out directory):
@@ -33,7 +35,7 @@ import tensorflow_datasets as tfds
 from jdit.data.pipeline import DATASETS, DatasetSpec
 # The factor comes from the VAE's config; extract_latents records the factor
 # of the VAE it used, and load() checks that it agrees with the spec's.
-from jdit.vae import SD_VAE_SCALE_FACTOR
+from jdit.vae import SD_VAE_SCALE_FACTOR, check_latent_stats
 
 DATASET_NAME = "jdit_latents"
 STATS_FILE = "latent_stats.json"
@@ -49,22 +51,28 @@ def features(latent_shape: tuple[int, int, int], class_names,
   })
 
 
-def sample(batch: dict, rngs, *, scale_factor: float
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Stored moments -> (scale_factor * (mean + std * eps), labels).
+def sample(batch: dict, rngs, *, scale_factor: float, latents_mean=None,
+           latents_std=None) -> tuple[np.ndarray, np.ndarray]:
+  """Stored moments -> (normalised z, labels), z = mean + std * eps.
 
   Args:
     batch: stacked examples with latent_mean, latent_std (B, h, w, c), label.
     rngs: one numpy Generator per example (the pipeline seeds them by seed,
       step and position, so resumed runs draw the same eps).
     scale_factor: the VAE's latent scale factor.
+    latents_mean, latents_std: the VAE's per-channel normalisation (c values
+      each) or None: the model sees (z - latents_mean) / latents_std *
+      scale_factor, as AutoencoderKL.normalize_latents computes.
   """
   mean = batch["latent_mean"].astype(np.float32)
   std = batch["latent_std"].astype(np.float32)
   eps = np.stack([r.standard_normal(mean.shape[1:], np.float32)
                   for r in rngs])
-  z = (mean + std * eps) * np.float32(scale_factor)
-  return z, batch["label"].astype(np.int32)
+  z = mean + std * eps
+  if latents_mean is not None:
+    z = (z - np.asarray(latents_mean, np.float32)) / np.asarray(
+        latents_std, np.float32)
+  return z * np.float32(scale_factor), batch["label"].astype(np.int32)
 
 
 def read_stats(directory: str) -> dict:
@@ -79,7 +87,7 @@ def read_stats(directory: str) -> dict:
 
 
 def load(split: str, data_dir: str, *, name: str, shape, num_classes: int,
-         scale_factor: float):
+         scale_factor: float, latents_mean=None, latents_std=None):
   """Opens the latent dataset in `data_dir`, checking it fits the spec."""
   if not data_dir:
     raise ValueError(f"dataset {name!r} needs config.data.data_dir: the --out "
@@ -103,6 +111,16 @@ def load(split: str, data_dir: str, *, name: str, shape, num_classes: int,
         f"scale_factor is {stats['scale_factor']}, but dataset {name!r} "
         f"scales by {scale_factor}; register one with that factor "
         f"(jdit.data.latents.register)")
+  for key, want in (("latents_mean", latents_mean),
+                    ("latents_std", latents_std)):
+    got = stats.get(key)  # absent from files written before VA-VAE support
+    if (got is None) != (want is None) or (
+        got is not None and not np.allclose(got, want)):
+      raise ValueError(
+          f"latent dataset {directory!r} was extracted with a VAE whose "
+          f"{key} is {got}, but dataset {name!r} normalises with {want}; "
+          f"register one with the VAE's statistics "
+          f"(jdit.data.latents.register)")
   builder = tfds.builder_from_directory(directory)
   if split not in builder.info.splits:
     raise ValueError(f"latent dataset {directory!r} has splits "
@@ -112,19 +130,31 @@ def load(split: str, data_dir: str, *, name: str, shape, num_classes: int,
 
 def register(name: str, image_size: int, num_classes: int = 1000, *,
              latent_channels: int = 4, downsample: int = 8,
-             scale_factor: float = SD_VAE_SCALE_FACTOR) -> DatasetSpec:
-  """Registers a latent dataset in jdit.data.DATASETS and returns its spec."""
+             scale_factor: float = SD_VAE_SCALE_FACTOR, latents_mean=None,
+             latents_std=None) -> DatasetSpec:
+  """Registers a latent dataset in jdit.data.DATASETS and returns its spec.
+
+  scale_factor, latents_mean and latents_std are the VAE's (its config's
+  fields; VA-VAE f16d32: latent_channels=32, downsample=16, scale_factor=1.0
+  and its 32 means and stds); the dataset checks them against the
+  extraction's latent_stats.json when opened.
+  """
   if image_size % downsample:
     raise ValueError(f"image_size {image_size} is not a multiple of the VAE's "
                      f"downsampling factor {downsample}")
   side = image_size // downsample
   shape = (side, side, latent_channels)
+  check_latent_stats(latents_mean, latents_std, latent_channels,
+                     f"latent dataset {name!r}")
+  norm = dict(scale_factor=scale_factor,
+              latents_mean=None if latents_mean is None
+              else tuple(latents_mean),
+              latents_std=None if latents_std is None else tuple(latents_std))
   spec = DatasetSpec(
       DATASET_NAME, shape, num_classes,
-      functools.partial(sample, scale_factor=scale_factor), random=True,
+      functools.partial(sample, **norm), random=True,
       load=functools.partial(load, name=name, shape=shape,
-                             num_classes=num_classes,
-                             scale_factor=scale_factor))
+                             num_classes=num_classes, **norm))
   DATASETS[name] = spec
   return spec
 
