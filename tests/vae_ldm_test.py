@@ -371,3 +371,38 @@ def test_bad_latent_stats(torch_vae, tmp_path):
     vae.AutoencoderKL(latent_channels=2, latents_mean=(0.0, 0.0))
   with pytest.raises(ValueError, match="attention_levels"):
     vae.AutoencoderKL(attention_levels=(4,))
+
+
+def test_latent_dataset_checks_the_normalisation(tmp_path):
+  # extract_latents records the VAE's normalisation; a dataset registered
+  # with other statistics refuses to open (before reading any example).
+  stats = {"latent_shape": [2, 2, 2], "num_classes": 1, "image_size": 32,
+           "scale_factor": 1.0, "latents_mean": [0.5, -0.5],
+           "latents_std": [2.0, 3.0]}
+  (tmp_path / latents.STATS_FILE).write_text(__import__("json").dumps(stats))
+  common = dict(name="vavae_test", shape=(2, 2, 2), num_classes=1,
+                scale_factor=1.0)
+  with pytest.raises(ValueError, match=r"latents_mean is \[0.5, -0.5\], but "
+                     r"dataset 'vavae_test' normalises with None"):
+    latents.load("train", str(tmp_path), **common)
+  with pytest.raises(ValueError, match="latents_std"):
+    latents.load("train", str(tmp_path), latents_mean=(0.5, -0.5),
+                 latents_std=(2.0, 1.0), **common)
+  with pytest.raises(ValueError, match=r"latent dataset 'bad': latents_mean "
+                     r"has 3 values"):
+    latents.register("bad", 32, 1, latent_channels=2, downsample=16,
+                     latents_mean=(0.0,) * 3, latents_std=(1.0,) * 3)
+
+
+def test_vavae_f16d32_shapes():
+  # VA-VAE's ddconfig: ch 128, ch_mult (1, 1, 2, 2, 4), 2 resnets, attention
+  # at 16px of 256px (the last level), z 32: 256px -> 16x16x32.
+  m = vae.AutoencoderKL(block_out_channels=(128, 128, 256, 256, 512),
+                        latent_channels=32, attention_levels=(4,))
+  out = jax.eval_shape(lambda x: m.init_with_output(
+      jax.random.PRNGKey(0), x, method="encode"), jnp.zeros((1, 256, 256, 3)))
+  (mean, _), variables = out
+  assert mean.shape == (1, 16, 16, 32) and m.downsample_factor == 16
+  enc = variables["params"]["encoder"]
+  assert {"down_blocks_4_attentions_0", "down_blocks_4_attentions_1"} <= set(
+      enc) and "down_blocks_3_attentions_0" not in enc
