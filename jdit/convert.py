@@ -1,9 +1,10 @@
-"""PyTorch checkpoints -> Flax params: official DiT and diffusers VAEs.
+"""PyTorch checkpoints -> Flax params: official DiT-family and VAE weights.
 
 `dit_params_from_torch` maps a facebookresearch/DiT state dict (the released
 bare EMA dict `DiT-XL-2-256x256.pt`, or a train.py checkpoint with "ema" and
-"model"; SiT's and DiT-MoE's checkpoints share the layout) onto the
-parameter tree of `jdit.models.build_model(name)`;
+"model"; SiT's, DiT-MoE's and LightningDiT's checkpoints share the layout)
+onto the parameter tree of `jdit.models.build_model(name)` (the layout is in
+jdit/convert_dit.py);
 `vae_params_from_torch` (in jdit.convert_vae) does the same for diffusers'
 AutoencoderKL. Both return plain nested dicts of float32 numpy arrays, and
 both check the whole checkpoint before converting anything, so a wrong file
@@ -23,12 +24,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from jdit.models import build_model
-from jdit.models.dit import DiT
-from jdit.models.embed import sincos_2d
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -130,95 +126,6 @@ def abstract_params(module: nn.Module, *inputs, method=None) -> Any:
   return nn.meta.unbox(shapes["params"])
 
 
-# --- DiT ------------------------------------------------------------------
-
-
-def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
-                                                      tuple[str, ...]]]:
-  """Official key -> (torch shape, transform, Flax path) for `model`."""
-  d, p = model.hidden_size, model.patch_size
-  c, c_out = model.in_channels, model.out_channels
-  heads = model.num_heads
-  hidden = int(d * model.mlp_ratio)
-  gh, gw = model.grid_shape
-  rows = model.num_classes + int(model.class_dropout_prob > 0)
-  out = {
-      "pos_embed": ((1, gh * gw, d), "pos", ()),
-      "x_embedder.proj.weight": ((d, c, p, p), "conv", ("x_embedder", "proj",
-                                                        "kernel")),
-      "x_embedder.proj.bias": ((d,), "id", ("x_embedder", "proj", "bias")),
-      "y_embedder.embedding_table.weight": ((rows, d), "id",
-                                            ("y_embedder", "embedding")),
-  }
-
-  def linear(tkey, fpath, n_out, n_in):
-    out[f"{tkey}.weight"] = ((n_out, n_in), "linear", fpath + ("kernel",))
-    out[f"{tkey}.bias"] = ((n_out,), "id", fpath + ("bias",))
-
-  linear("t_embedder.mlp.0", ("t_embedder", "fc1"), d, 256)
-  linear("t_embedder.mlp.2", ("t_embedder", "fc2"), d, d)
-  moe = _dit_moe_feedforward(model) if model.mlp == "moe" else None
-  for i in range(model.depth):
-    t, f = f"blocks.{i}", (f"blocks_{i}",)
-    out[f"{t}.attn.qkv.weight"] = ((3 * d, d), "qkv", f + ("attn", "qkv",
-                                                           "kernel"))
-    out[f"{t}.attn.qkv.bias"] = ((3 * d,), "qkv_bias", f + ("attn", "qkv",
-                                                           "bias"))
-    out[f"{t}.attn.proj.weight"] = ((d, d), "proj", f + ("attn", "proj",
-                                                         "kernel"))
-    out[f"{t}.attn.proj.bias"] = ((d,), "id", f + ("attn", "proj", "bias"))
-    if moe is not None:
-      out.update(_dit_moe_layout(d, moe, t, f + ("mlp",)))
-    else:
-      linear(f"{t}.mlp.fc1", f + ("mlp", "fc1"), hidden, d)
-      linear(f"{t}.mlp.fc2", f + ("mlp", "fc2"), d, hidden)
-    linear(f"{t}.adaLN_modulation.1", f + ("adaLN_modulation",), 6 * d, d)
-  linear("final_layer.adaLN_modulation.1",
-         ("final_layer", "adaLN_modulation"), 2 * d, d)
-  linear("final_layer.linear", ("final_layer", "linear"), p * p * c_out, d)
-  del heads
-  return out
-
-
-def _dit_moe_feedforward(model):
-  """The model's MoE layer (unbound), checked against DiT-MoE's layer.
-
-  feizc/DiT-MoE's SparseMoeBlock: a bias-free router over E SwiGLU experts
-  (bias-free gate/up/down projections), raw softmax gates of the top k, and
-  shared experts fused into one SwiGLU. Its inference never drops a token,
-  nor does ours (the MoE's default eval_capacity_factor).
-  """
-  moe = model.feedforward()
-  wanted = dict(expert_act="swiglu", router_input="tokens", renormalize=False)
-  wrong = {k: getattr(moe, k) for k, v in wanted.items()
-           if getattr(moe, k) != v}
-  if wrong:
-    raise ValueError(f"DiT-MoE checkpoints need mlp_options {wanted}, got "
-                     f"{wrong}")
-  return moe
-
-
-def _dit_moe_layout(d, moe, t, f):
-  """DiT-MoE's `blocks.i.moe.*` keys of one block of width d."""
-  e, h = moe.num_experts, moe.expert_width
-  out = {f"{t}.moe.gate.weight": ((e, d), "linear", f + ("router", "kernel"))}
-  for j in range(e):
-    for name, shape, ours in (("gate_proj", (h, d), "gate_kernel"),
-                              ("up_proj", (h, d), "up_kernel"),
-                              ("down_proj", (d, h), "down_kernel")):
-      # "expert:j:E": row j of the stacked (E, in, out) parameter.
-      out[f"{t}.moe.experts.{j}.{name}.weight"] = (shape, f"expert:{j}:{e}",
-                                                   f + (ours,))
-  if moe.num_shared_experts:
-    width = moe.num_shared_experts * (moe.shared_expert_hidden or h)
-    for name, shape, ours in (("gate_proj", (width, d), "shared_gate"),
-                              ("up_proj", (width, d), "shared_up"),
-                              ("down_proj", (d, width), "shared_down")):
-      out[f"{t}.moe.shared_experts.{name}.weight"] = (shape, "linear",
-                                                      f + (ours, "kernel"))
-  return out
-
-
 def set_path(tree: dict, path: tuple[str, ...], value) -> None:
   """tree[path[0]][path[1]]... = value, creating the nested dicts."""
   for key in path[:-1]:
@@ -254,108 +161,21 @@ def _has(tree, path) -> bool:
   return True
 
 
-def _infer_input_size(sd: Mapping[str, Any], patch_size: int) -> int | None:
-  """The latent side from pos_embed's token count (square grids)."""
-  if "pos_embed" not in sd:
-    return None
-  tokens = int(np.shape(sd["pos_embed"])[-2])
-  side = int(round(tokens ** 0.5))
-  return side * patch_size if side * side == tokens else None
-
-
 def resolve_dit_overrides(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
-  """`overrides` plus input_size from pos_embed when not given."""
-  if "input_size" not in overrides:
-    size = _infer_input_size(unwrap_state_dict(state_dict),
-                             build_model(name).patch_size)
-    if size is not None:
-      overrides = dict(overrides, input_size=size)
-  return overrides
+  """`overrides` plus input_size from pos_embed (see jdit.convert_dit)."""
+  from jdit import convert_dit  # pylint: disable=g-import-not-at-top
+  return convert_dit.resolve_dit_overrides(state_dict, name, **overrides)
 
 
 def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
-  """Converts an official facebookresearch/DiT checkpoint to Flax params.
+  """Official DiT/SiT/DiT-MoE/LightningDiT weights -> Flax params.
 
-  Also SiT's (willisma/SiT: DiT's layout) and DiT-MoE's (feizc/DiT-MoE:
-  `blocks.i.moe.*` instead of `blocks.i.mlp.*`, for a "DiT-MoE-*" name).
-
-  Args:
-    state_dict: the loaded checkpoint: a bare state dict (the released
-      `DiT-XL-2-{256,512}.pt` are EMA weights) or DiT train.py's dict with
-      "ema" (used) and "model". Values are torch tensors or numpy arrays.
-    name: the model name, e.g. "DiT-XL/2" or "DiT-MoE-S/2-8E2A".
-    **overrides: build_model overrides (input_size, in_channels, num_classes,
-      learn_sigma, ...). input_size defaults to the one the checkpoint's
-      pos_embed implies (32 for 256x256 images, 64 for 512x512).
-
-  Returns:
-    Plain nested dict of float32 numpy arrays with the tree structure of
-    `build_model(name, **overrides).init(...)["params"]` (unboxed).
-
-  Raises:
-    CheckpointMismatchError: keys missing, unexpected or mis-shaped (all of
-      them listed), or pos_embed differs from the model's sin-cos table.
+  See jdit.convert_dit.dit_params_from_torch for the arguments.
   """
-  sd = unwrap_state_dict(state_dict)
-  overrides = resolve_dit_overrides(sd, name, **overrides)
-  model = build_model(name, **overrides)
-  if not isinstance(model, DiT):
-    raise ValueError(f"{name} is not a DiT; only the official DiT layout "
-                     f"converts")
-  if model.mixer != "attention" or model.mlp not in ("dense", "moe"):
-    raise ValueError("official DiT checkpoints need mixer='attention' and "
-                     "mlp='dense' (DiT, SiT) or 'moe' (DiT-MoE)")
-  layout = _dit_torch_layout(model)
-  check_keys(sd, {k: v[0] for k, v in layout.items()},
-             f"{name} with {dict(overrides)}")
-
-  d, heads = model.hidden_size, model.num_heads
-  gh, gw = model.grid_shape
-  params: dict = {}
-  for key, (_, kind, path) in layout.items():
-    w = to_numpy(sd[key])
-    if kind == "pos":
-      ours = sincos_2d(d, gh, gw)
-      # 5e-3 admits bf16/fp16-stored checkpoints; a different grid or
-      # embedding layout differs by O(1).
-      if not np.allclose(w[0], ours, atol=5e-3):
-        err = float(np.max(np.abs(w[0] - ours)))
-        raise CheckpointMismatchError(
-            f"checkpoint pos_embed differs from the fixed sin-cos embedding "
-            f"of {name} on a {gh}x{gw} grid (max abs difference {err:.3g}); "
-            f"the checkpoint was trained with another position embedding "
-            f"or grid size")
-      continue
-    if kind == "qkv":  # timm: output index = (s, head, dim), s in q, k, v
-      w = w.T.reshape(d, 3, heads, d // heads)
-    elif kind == "qkv_bias":
-      w = w.reshape(3, heads, d // heads)
-    elif kind == "proj":  # input index = (head, dim)
-      w = w.T.reshape(heads, d // heads, d)
-    elif kind.startswith("expert:"):  # one expert of a stacked parameter
-      _, j, e = kind.split(":")
-      if not _has(params, path):
-        set_path(params, path, np.zeros((int(e),) + w.T.shape, np.float32))
-      _get(params, path)[int(j)] = w.T
-      continue
-    set_path(params, path, torch_to_flax(w, kind))
-
-  # The layout table mirrors the model; a model change that breaks the
-  # correspondence must fail here, not produce silently wrong samples.
-  shapes = abstract_params(model, jnp.zeros((1,) + model.input_shape),
-                           jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-  expected = jax.tree_util.tree_structure(shapes)
-  got = jax.tree_util.tree_structure(params)
-  if expected != got:
-    raise AssertionError(f"converter out of date with the model: {got} vs "
-                         f"{expected}")
-  for path_keys, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-    path = tuple(k.key for k in path_keys)
-    if _get(params, path).shape != leaf.shape:
-      raise AssertionError(f"converter out of date with the model at {path}")
-  return params
+  from jdit import convert_dit  # pylint: disable=g-import-not-at-top
+  return convert_dit.dit_params_from_torch(state_dict, name, **overrides)
 
 
 def vae_params_from_torch(state_dict: Mapping[str, Any], **config) -> dict:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdit import convert
+from jdit import convert, convert_dit
 from jdit.models import build_model
 from jdit.models.embed import sincos_2d
 
@@ -346,7 +346,7 @@ def test_convert_cli_errors(torch_model, tmp_path, capsys):
 @pytest.mark.parametrize("input_size", [32, 64])  # the 256 and 512 releases
 def test_official_xl2_layout(input_size):
   """The key set and shapes expected of DiT-XL-2-{256,512}.pt."""
-  layout = convert._dit_torch_layout(  # pylint: disable=protected-access
+  layout = convert_dit._dit_torch_layout(  # pylint: disable=protected-access
       build_model("DiT-XL/2", input_size=input_size))
   shapes = {k: v[0] for k, v in layout.items()}
   assert len(shapes) == 292  # 4 + 280 (28 blocks x 10) + 4 + pos_embed 4

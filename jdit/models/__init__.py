@@ -13,6 +13,7 @@ from jdit.models import ssm_mixers  # registers linear and mamba
 from jdit.models import families  # registers DiT-*-local, DiM-*, PT-DiT, ...
 from jdit.models import moe, moe_models  # registers "moe" and DiT-MoE-*
 from jdit.models import lamamba  # registers LaMamba-Diff-S, -B, -L, -XL
+from jdit.models import lightningdit  # registers LightningDiT-*
 from jdit.models.flops import flops  # noqa: E402  (the function, not module)
 
 # `python -m jdit.models.flops` runs that module as __main__ after this

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jdit.models import mixers
 from jdit.models.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder,
                                dense, sincos_2d)
+from jdit.models.feedforward import get_feedforward
 from jdit.models.registry import register_model
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
@@ -28,10 +29,21 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _layer_norm(name):
-  # No affine parameters: adaLN supplies scale and shift. Statistics in f32.
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
-                      dtype=jnp.float32, name=name)
+NORMS = ("layer", "rms")
+
+
+def block_norm(kind: str, name: str) -> nn.Module:
+  """The pre-norm of a block or of the final layer, statistics in float32.
+
+  "layer": LayerNorm without affine parameters (adaLN supplies scale and
+  shift), as DiT. "rms": RMSNorm with a learned scale, as LightningDiT.
+  """
+  if kind == "layer":
+    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                        dtype=jnp.float32, name=name)
+  return nn.RMSNorm(epsilon=1e-6, dtype=jnp.float32, name=name,
+                    scale_init=nn.with_logical_partitioning(
+                        nn.initializers.ones_init(), ("embed",)))
 
 
 def adaln_modulation(c, n, *, dtype, param_dtype):
@@ -43,47 +55,6 @@ def adaln_modulation(c, n, *, dtype, param_dtype):
   return jnp.split(out, n, axis=-1)
 
 
-# Feed-forward layers a block can use, by name (the dense MLP here; the MoE
-# layer registers itself as "moe"). Signature: cls(hidden=..., dtype=...,
-# param_dtype=..., **mlp_options)(x, c, deterministic=...) -> x, where c is the
-# (B, D) conditioning vector (timestep + label), for routers that use it.
-FEEDFORWARDS: dict[str, type[nn.Module]] = {}
-
-
-def register_feedforward(name: str):
-  def add(cls):
-    if name in FEEDFORWARDS:
-      raise ValueError(f"feed-forward {name!r} is already registered")
-    FEEDFORWARDS[name] = cls
-    return cls
-  return add
-
-
-def get_feedforward(name: str) -> type[nn.Module]:
-  if name not in FEEDFORWARDS:
-    raise ValueError(f"unknown mlp {name!r}; registered: "
-                     f"{sorted(FEEDFORWARDS)}")
-  return FEEDFORWARDS[name]
-
-
-@register_feedforward("dense")
-class Mlp(nn.Module):
-  """Transformer MLP: Dense -> GELU(tanh) -> Dense, as in DiT (timm Mlp)."""
-  hidden: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, c=None, deterministic=True):
-    del c, deterministic
-    d = x.shape[-1]
-    x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype,
-              param_dtype=self.param_dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=True)
-    return dense(d, ("mlp", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc2")(x)
-
-
 class DiTBlock(nn.Module):
   """adaLN-Zero transformer block around a registered token mixer."""
   num_heads: int
@@ -92,6 +63,7 @@ class DiTBlock(nn.Module):
   mixer_options: Any = None
   mlp: str = "dense"
   mlp_options: Any = None
+  norm: str = "layer"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -103,11 +75,11 @@ class DiTBlock(nn.Module):
         num_heads=self.num_heads, dtype=self.dtype,
         param_dtype=self.param_dtype, **dict(self.mixer_options or {}),
         name="attn")
-    h = modulate(_layer_norm("norm1")(x), shift_msa, scale_msa)
+    h = modulate(block_norm(self.norm, "norm1")(x), shift_msa, scale_msa)
     h = mixer(h.astype(self.dtype), grid_shape=grid_shape,
               deterministic=deterministic)
     x = x + gate_msa[:, None] * h
-    h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
+    h = modulate(block_norm(self.norm, "norm2")(x), shift_mlp, scale_mlp)
     ff = get_feedforward(self.mlp)
     # Feed-forwards that route by timestep (MoE's diffusion prior) get t.
     extra = {"t": t} if getattr(ff, "uses_timesteps", False) else {}
@@ -122,6 +94,7 @@ class FinalLayer(nn.Module):
   """adaLN, then a zero-initialised projection to patch pixels."""
   patch_size: int
   out_channels: int
+  norm: str = "layer"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -129,7 +102,7 @@ class FinalLayer(nn.Module):
   def __call__(self, x, c):
     shift, scale = adaln_modulation(c, 2, dtype=self.dtype,
                                     param_dtype=self.param_dtype)
-    x = modulate(_layer_norm("norm_final")(x), shift, scale)
+    x = modulate(block_norm(self.norm, "norm_final")(x), shift, scale)
     p = self.patch_size
     return dense(p * p * self.out_channels, ("embed", None),
                  kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
@@ -230,8 +203,9 @@ class DiT(ImageBackbone, nn.Module):
   # None: every block. PixArt-Sigma compresses keys and values in blocks
   # 14-27 of 28 only.
   mixer_layers: Sequence[int] | None = None
-  mlp: str = "dense"
+  mlp: str = "dense"  # a registered feed-forward (jdit/models/feedforward.py)
   mlp_options: Any = None
+  norm: str = "layer"  # "layer" (DiT) or "rms" (LightningDiT), see block_norm
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
@@ -246,6 +220,8 @@ class DiT(ImageBackbone, nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
                        f"num_heads {self.num_heads}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     if self.mixer_layers is not None:
       layers = list(self.mixer_layers)
       if (not layers or len(set(layers)) != len(layers)
@@ -289,9 +265,10 @@ class DiT(ImageBackbone, nn.Module):
     for i in range(self.depth):
       mixer, options = self.block_mixer(i)
       x = block(self.num_heads, self.mlp_ratio, mixer, options, self.mlp,
-                self.mlp_options, name=f"blocks_{i}", **kw)(
+                self.mlp_options, self.norm, name=f"blocks_{i}", **kw)(
                     x, c, (gh, gw), not train, t)
-    x = FinalLayer(p, self.out_channels, name="final_layer", **kw)(x, c)
+    x = FinalLayer(p, self.out_channels, self.norm, name="final_layer",
+                   **kw)(x, c)
     # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).
     x = x.reshape(b, gh, gw, p, p, self.out_channels)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p,

@@ -51,6 +51,40 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   ).astype(np.float32)
 
 
+def rotary_tables(grid_shape, head_dim: int, theta: float = 10000.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin, each (L, head_dim), of the axial rotary position embedding.
+
+  Row-major tokens on a 2D (H, W) or 3D (T, H, W) grid. head_dim is split
+  into one equal part per grid axis (the first encodes the slowest axis);
+  within a part, channels 2i and 2i+1 rotate together by position * theta **
+  (-2i / part), the layout of EVA-02's 2D RoPE that LightningDiT uses, so
+  converted checkpoints see the same rotations (apply with `apply_rotary`).
+  """
+  n = len(grid_shape)
+  if head_dim % (2 * n):
+    raise ValueError(f"rotary embedding on a {n}D grid needs head_dim "
+                     f"divisible by {2 * n}, got head_dim={head_dim}")
+  part = head_dim // n
+  freqs = 1.0 / theta ** (np.arange(0, part, 2, dtype=np.float64) / part)
+  coords = np.meshgrid(*[np.arange(s) for s in grid_shape], indexing="ij")
+  angles = np.concatenate(
+      [np.repeat(c.reshape(-1, 1) * freqs[None], 2, axis=1) for c in coords],
+      axis=1)
+  return (np.cos(angles).astype(np.float32),
+          np.sin(angles).astype(np.float32))
+
+
+def apply_rotary(x: jax.Array, cos, sin) -> jax.Array:
+  """Rotates channel pairs (2i, 2i+1) of x (B, L, heads, head_dim), in f32."""
+  xf = x.astype(jnp.float32)
+  pairs = xf.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(
+      x.shape)
+  cos, sin = (jnp.asarray(a)[None, :, None] for a in (cos, sin))
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
 def timestep_frequencies(t: jax.Array, dim: int = 256,
                          max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal features of (possibly fractional) timesteps: (B,) -> (B, dim).

@@ -91,12 +91,14 @@ def model_macs(model) -> float:
   d, p = model.hidden_size, model.patch_size
   grid = model.grid_shape
   length = math.prod(grid)
-  if model.mlp != "dense":
-    raise ValueError(f"no analytic FLOP count for mlp={model.mlp!r}")
+  feedforward = model.feedforward()
+  if not hasattr(feedforward, "macs"):
+    raise ValueError(f"no analytic FLOP count for mlp={model.mlp!r}; give "
+                     f"it a macs(dim) method (multiply-adds per token)")
   embed = length * p * p * model.in_channels * d
   temb = FREQ_DIM * d + d * d
   block = (6 * d * d  # adaLN modulation, once per image
-           + 2 * length * d * int(d * model.mlp_ratio))
+           + length * feedforward.macs(d))
   mix = sum(mixer_macs(*model.block_mixer(i), model.num_heads, grid, d)
             for i in range(model.depth))
   final = 2 * d * d + length * d * p * p * model.out_channels
@@ -120,24 +122,29 @@ def text_cross_attention_macs(model, text_tokens: int) -> float:
   return model.depth * per_block
 
 
-def flops(name: str, input_size=32, **overrides) -> float:
+def _build(name, input_size, overrides):
+  if input_size is not None:
+    overrides = dict(overrides, input_size=input_size)
+  return build_model(name, **overrides)
+
+
+def flops(name: str, input_size=None, **overrides) -> float:
   """Forward FLOPs per image (a multiply-add counts 2), analytic.
 
   Args:
     name: a registered model name, e.g. "DiT-XL/2" or "DiT-XL/2-local".
-    input_size: latent (or pixel) side, 32 for a 256px image through the
-      SD-VAE.
+    input_size: latent (or pixel) side, e.g. 32 for a 256px image through
+      the SD-VAE; None: the model's default (32 for DiT, 16 for
+      LightningDiT's f16 latents).
     **overrides: build_model overrides (mixer, mixer_options, ...).
   """
-  return 2.0 * model_macs(build_model(name, input_size=input_size,
-                                      **overrides))
+  return 2.0 * model_macs(_build(name, input_size, overrides))
 
 
-def xla_flops(name: str, input_size=32, **overrides) -> float:
+def xla_flops(name: str, input_size=None, **overrides) -> float:
   """FLOPs per image of the compiled forward pass from XLA's cost analysis."""
-  model = build_model(name, input_size=input_size, **overrides)
-  h, w = ((input_size, input_size) if isinstance(input_size, int)
-          else tuple(input_size))
+  model = _build(name, input_size, overrides)
+  h, w = model.input_shape[:2]
   x = jax.ShapeDtypeStruct((1, h, w, model.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   y = jax.ShapeDtypeStruct((1,), jnp.int32)

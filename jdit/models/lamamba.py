@@ -52,9 +52,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jdit.models import mixers
-from jdit.models.dit import (ACT, ImageBackbone, Mlp, adaln_modulation,
+from jdit.models.dit import (ACT, ImageBackbone, adaln_modulation,
                              embed_condition, modulate, remat_block)
 from jdit.models.embed import PatchEmbed, dense, sincos_2d
+from jdit.models.feedforward import Mlp
 from jdit.models.flops import FREQ_DIM, mixer_macs
 from jdit.models.lamamba_layers import (FinalLayer, PatchExpanding,
                                         PatchMerging, norm)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit.models import kernel_sharding
+from jdit.models import embed, kernel_sharding
 
 MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -138,18 +138,53 @@ def attention(q, k, v, impl="auto"):
   return kernel_sharding.kernel("dot_product_attention")(q, k, v, impl=impl)
 
 
+QK_NORMS = (None, "rms", "layer")
+
+
+def qk_norm(kind, name):
+  """Per-head norm of queries or keys over head_dim, statistics in f32.
+
+  "rms": RMSNorm with a scale (eps 1e-6); "layer": LayerNorm with scale and
+  bias (eps 1e-5, torch's default), LightningDiT's two choices.
+  """
+  init = lambda f: nn.with_logical_partitioning(f, ("kv",))
+  if kind == "rms":
+    return nn.RMSNorm(epsilon=1e-6, dtype=jnp.float32, name=name,
+                      scale_init=init(nn.initializers.ones_init()))
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name,
+                      scale_init=init(nn.initializers.ones_init()),
+                      bias_init=init(nn.initializers.zeros_init()))
+
+
 @register_mixer("attention")
 class Attention(nn.Module):
-  """Full multi-head self-attention (the DiT mixer), see `attention`."""
+  """Full multi-head self-attention (the DiT mixer), see `attention`.
+
+  Options of the "modern DiT" recipes (LightningDiT): `qk_norm` normalises
+  queries and keys per head ("rms" or "layer"); `rope` rotates them by the
+  axial rotary embedding of the token grid (embed.rotary_tables), on top of
+  the backbone's absolute sin-cos embedding.
+  """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   impl: str = "auto"  # pallas_kernels.dot_product_attention's
+  qk_norm: str | None = None
+  rope: bool = False
 
   @nn.compact
   def __call__(self, x, *, grid_shape, deterministic=True):
-    del grid_shape, deterministic
+    del deterministic
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm must be one of {QK_NORMS}, got "
+                       f"{self.qk_norm!r}")
     q, k, v = qkv_projection(x, self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype)
+    if self.qk_norm:
+      q = qk_norm(self.qk_norm, "q_norm")(q).astype(self.dtype)
+      k = qk_norm(self.qk_norm, "k_norm")(k).astype(self.dtype)
+    if self.rope:
+      cos, sin = embed.rotary_tables(grid_shape, q.shape[-1])
+      q, k = embed.apply_rotary(q, cos, sin), embed.apply_rotary(k, cos, sin)
     o = attention(q, k, v, self.impl)
     return out_projection(o, dtype=self.dtype, param_dtype=self.param_dtype)

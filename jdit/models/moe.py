@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jdit import sharding
-from jdit.models.dit import register_feedforward
+from jdit.models.feedforward import register_feedforward
 from jdit.models.embed import dense
 # Re-exported: the routing math is part of this module's API.
 # pylint: disable-next=unused-import
