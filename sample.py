@@ -16,7 +16,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from jdit import checkpoint, diffusion, sampling, sharding
+from jdit import checkpoint, diffusion, evaluation, sampling, sharding
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint dir.",
                             required=True)
@@ -65,18 +65,13 @@ def main(argv):
   else:
     base = np.arange(k)
   n = _N.value or min(8 * k, 1000)
-  labels = sampling.check_labels(np.resize(base, n), k)
+  labels = evaluation.cycled_labels(base, n, k)
   guidance = diffusion.Guidance(
       scale=_CFG.value, null_label=k, channels=_CFG_CHANNELS.value or None,
       interval=parse_interval(_CFG_INTERVAL.value))
   mesh = sharding.create_mesh({"data": -1})
   params = jax.device_put(params, sharding.NamedSharding(mesh, sharding.P()))
-  decode = None
-  if config.get("vae") and config.vae.get("path"):
-    from jdit import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    vae_model, vae_params, scale = vae_lib.load_vae(config.vae.path)
-    decode = lambda z: vae_model.apply({"params": vae_params}, z / scale,
-                                       method="decode")
+  decode = evaluation.latent_decoder(config)  # None for pixel models
   sampler = sampling.Sampler(model, objective, params, mesh=mesh,
                              sampler=_SAMPLER.value or None,
                              steps=_STEPS.value or None, guidance=guidance,

@@ -70,4 +70,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.sampler = ""            # "" = the objective's default
   c.sample.steps = 0               # 0 = the objective's default
   c.sample.cfg_scale = 2.0
+
+  # FID (and Inception Score) of EMA samples during training, logged to
+  # metrics.jsonl/TensorBoard as eval/fid, eval/inception_score. Off when
+  # every = 0; to enable: --config.eval.every=500 --config.eval.ref=REF.npz
+  # --config.eval.inception=pt_inception-2015-12-05-6726825d.pth (a reference
+  # for the digits: `python -m jdit.metrics.fid --write_ref`).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                 # steps between evaluations (and the last)
+  c.eval.num_samples = 10_000      # FID-10K
+  c.eval.ref = ""                  # ADM reference batch .npz (mu, sigma)
+  c.eval.inception = ""            # local pt_inception-2015-12-05-6726825d.pth
+  c.eval.batch_size = 128          # images per sampling/Inception batch
+  c.eval.sampler = ""              # "" = sample.sampler
+  c.eval.steps = 0                 # 0 = sample.steps
+  c.eval.cfg_scale = ml_collections.FieldReference(None, field_type=float)
+  #                                  None = sample.cfg_scale
   return c

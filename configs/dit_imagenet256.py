@@ -115,4 +115,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.sampler = "ddpm"
   c.sample.steps = 250
   c.sample.cfg_scale = 1.5
+
+  # FID-10K of the EMA model during training (off by default), e.g.
+  #   --config.eval.every=50000
+  #   --config.eval.ref=/data/VIRTUAL_imagenet256_labeled.npz
+  #   --config.eval.inception=/ckpt/pt_inception-2015-12-05-6726825d.pth
+  # (512: VIRTUAL_imagenet512.npz). Needs config.vae.path to decode.
+  c.eval.every = 0
+  c.eval.num_samples = 10_000
+  c.eval.ref = ""
+  c.eval.inception = ""
+  c.eval.batch_size = 256            # global; divisible by the device count
+  c.eval.sampler = ""                # "" = sample.sampler (ddpm, 250 steps)
+  c.eval.steps = 0
+  c.eval.cfg_scale = 1.0             # DiT's training curves: no guidance
   return c

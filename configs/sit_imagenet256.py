@@ -52,4 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.time_sampling = flow["time"]
   f.sampler = "sde"                  # SiT's best FID: Euler-Maruyama, 250
   f.steps = 250
+  # DiT's "ddpm" is no flow sampler: sample grids and eval use the flow's.
+  c.sample.sampler = ""
+  c.sample.steps = 0
+  # FID-10K during training as in dit_imagenet256.py (off by default):
+  #   --config.eval.every=50000 --config.eval.ref=.../VIRTUAL_imagenet256_
+  #   labeled.npz --config.eval.inception=.../pt_inception-2015-12-05-
+  #   6726825d.pth (samples with sde, 250 steps, no guidance).
   return c

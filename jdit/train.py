@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jdit import checkpoint, data, diffusion, distill, sampling, sharding
+from jdit import (checkpoint, data, diffusion, distill, evaluation,
+                  sampling, sharding)
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -41,6 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if accum < 1 or config.batch_size % accum:
     raise ValueError(f"config.optim.grad_accum={accum} must be >= 1 and "
                      f"divide batch_size={config.batch_size}")
+  evaluation.validate_config(config)
 
 
 class MetricWriter:
@@ -132,6 +134,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"batch_size {config.batch_size} / grad_accum {accum} "
                      f"must be divisible by the {par} devices of the batch "
                      f"axes {sharding.BATCH_AXES} of mesh {dict(mesh.shape)}")
+  # Loads the reference statistics and Inception weights now: a bad
+  # config.eval fails here, before any training compute.
+  evaluator = (evaluation.Evaluator(config, model, objective, mesh)
+               if evaluation.enabled(config) else None)
   tx, schedule = ts.make_optimizer(config.optim, config.total_steps)
   distiller = (distill.Distiller(config, model, objective)
                if distill.enabled(config) else None)
@@ -172,14 +178,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       window.append(metrics)
       step += 1
       bar.update(1)
-      if step % config.log_every == 0 or step == config.total_steps:
+      evaluate = evaluator is not None and evaluator.due(step)
+      log = (step % config.log_every == 0 or step == config.total_steps
+             or evaluate)  # eval metrics share the row of the step's loss
+      if log:
         host = jax.device_get(window)
         last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         _check_finite(last["loss"], step, mngr)
         rate = len(window) / (time.time() - t0)
         last.update(lr=float(schedule(step - 1)), steps_per_sec=rate,
                     images_per_sec=rate * config.batch_size)
-        writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.2f}")
         window, t0 = [], time.time()
       if step % config.checkpoint_every == 0 or step == end:
@@ -188,6 +196,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         checkpoint.save(mngr, step, params=state.params,
                         ema_params=state.ema_params, opt_state=state.opt_state,
                         meta={**meta, "step": step, "data_step": step})
+      if evaluate:  # after the checkpoint: a failing eval loses no training
+        last.update(evaluator(state.ema_params))
+        bar.set_postfix(loss=f"{last['loss']:.4f}",
+                        fid=f"{last['eval/fid']:.2f}")
+        t0 = time.time()  # the next steps_per_sec excludes the evaluation
+      if log:
+        writer.write(step, last)
   bar.close()
   writer.close()
   if step == config.total_steps and config.get("sample") and (

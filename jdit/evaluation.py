@@ -1,0 +1,256 @@
+"""FID (and Inception Score) of EMA samples during training.
+
+Configured by `config.eval` (see configs/default.py); off when `every` is 0.
+Every `every` steps and at the last step, the trainer calls an `Evaluator`
+with the EMA params: it samples `num_samples` images exactly as sample.py
+does (labels cycle through the classes, image i depends only on the seed and
+i for a fixed `batch_size`, not on the number of devices), decodes latents
+through config.vae, computes Inception-v3 pool features and logits sharded
+over the mesh, and scores them against an ADM reference batch's mu/sigma.
+The seed is the same at every evaluation, so successive FIDs differ by the
+model only, not by the noise.
+
+Everything that can be wrong with the config (paths, sizes, the reference's
+feature size, the Inception weights) is checked when the Evaluator is built,
+before the trainer does any training compute.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from jdit import diffusion, sampling, sharding
+from jdit.metrics import inception, scores
+
+POOL_FEATURES = 2048  # InceptionV3's pool_3 width, the size of mu and sigma
+FID_METHOD = "eigh"   # same value as ADM's sqrtm to ~1e-6, ~20x faster
+IS_SPLITS = 10        # ADM: 10 splits of the samples
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.get("eval")) and config.eval.get("every", 0) > 0
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks config.eval's fields (cheap: no file is read)."""
+  if not config.get("eval"):
+    return
+  e = config.eval
+  every = e.get("every", 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f"config.eval.every must be an integer >= 0 (0 = no "
+                     f"evaluation), got {every!r}")
+  if not every:
+    return
+  for key in ("num_samples", "batch_size"):
+    if key not in e:
+      raise ValueError(f"config.eval.{key} is missing; see "
+                       f"configs/default.py")
+  if not isinstance(e.num_samples, int) or e.num_samples < 2:
+    raise ValueError(f"config.eval.num_samples must be an integer >= 2 (FID "
+                     f"needs a covariance), got {e.num_samples!r}")
+  if not isinstance(e.batch_size, int) or e.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size must be a positive integer, "
+                     f"got {e.batch_size!r}")
+  what = {"ref": "an ADM reference batch .npz with mu and sigma (e.g. "
+                 "VIRTUAL_imagenet256_labeled.npz)",
+          "inception": "the local pt_inception-2015-12-05-6726825d.pth"}
+  for key, expected in what.items():
+    path = e.get(key) or ""
+    if not path:
+      raise ValueError(f"config.eval.every={every} but config.eval.{key} is "
+                       f"empty; set it to {expected}")
+    if not os.path.isfile(os.path.expanduser(path)):
+      raise ValueError(f"config.eval.{key}={path!r} does not exist; expected "
+                       f"{expected}")
+
+
+def latent_decoder(config: ml_collections.ConfigDict):
+  """latents -> [-1, 1] images with config.vae (None for pixel models).
+
+  Shared by sample.py and the evaluator: samples are divided by the VAE's
+  scale factor (the dataset multiplied latents by it) and decoded.
+  """
+  if not (config.get("vae") and config.vae.get("path")):
+    return None
+  from jdit import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  vae_model, vae_params, scale = vae_lib.load_vae(config.vae.path)
+  return lambda z: vae_model.apply({"params": vae_params}, z / scale,
+                                   method="decode")
+
+
+def cycled_labels(base: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+  """n labels repeating `base` (sample.py's and FID sampling's labels)."""
+  return sampling.check_labels(np.resize(np.asarray(base), n), num_classes)
+
+
+def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """mu, sigma of an ADM reference batch, checked against Inception's size."""
+  try:
+    ref = np.load(os.path.expanduser(path))
+    keys = set(ref.files)
+  except Exception as e:  # not an .npz: numpy raises several types
+    raise ValueError(f"config.eval.ref={path!r} is not a readable .npz: "
+                     f"{e}") from e
+  if not {"mu", "sigma"} <= keys:
+    raise ValueError(
+        f"config.eval.ref={path!r} has no mu/sigma statistics (it has "
+        f"{sorted(keys)}); write them from real images with `python -m "
+        f"jdit.metrics.fid --samples IMAGES.npz --write_ref OUT.npz "
+        f"--inception ...`")
+  mu, sigma = np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"],
+                                                             np.float64)
+  d = POOL_FEATURES
+  if mu.shape != (d,) or sigma.shape != (d, d):
+    raise ValueError(
+        f"config.eval.ref={path!r} has statistics mu {mu.shape}, sigma "
+        f"{sigma.shape}; Inception pool features need ({d},), ({d}, {d})")
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise ValueError(f"config.eval.ref={path!r}: mu or sigma is not finite")
+  return mu, sigma
+
+
+def frechet_distance_to(features: np.ndarray, ref_mu: np.ndarray,
+                        ref_sigma: np.ndarray) -> float:
+  """FID of (N, D) features against reference statistics.
+
+  With fewer samples than dimensions (FID-1K, tests) the sample covariance
+  X^T X has rank < N, and tr (X^T X S)^(1/2) is the trace of the root of
+  the small N x N matrix X S X^T (same nonzero eigenvalues): exact, and
+  much cheaper than the D x D eigendecompositions.
+  """
+  n, d = features.shape
+  if n > d:
+    mu, sigma = scores.statistics(features)
+    return scores.frechet_distance(mu, sigma, ref_mu, ref_sigma,
+                                   method=FID_METHOD)
+  x = np.asarray(features, np.float64)
+  mu = x.mean(axis=0)
+  xc = (x - mu) / np.sqrt(n - 1)  # sigma = xc.T @ xc, as np.cov
+  small = xc @ ref_sigma @ xc.T
+  ev = np.linalg.eigvalsh((small + small.T) / 2)
+  if not np.all(np.isfinite(ev)):
+    raise scores.FIDError("FID: eigenvalues of the covariance product are "
+                          "not finite")
+  diff = mu - ref_mu
+  return float(diff @ diff + np.sum(xc * xc) + np.trace(ref_sigma)
+               - 2.0 * np.sum(np.sqrt(np.clip(ev, 0, None))))
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_and_logits():
+  """One jitted Inception (ADM preprocessing) returning what FID/IS use."""
+  net = inception.InceptionV3()
+
+  def fn(params, images):
+    out = net.apply({"params": params}, inception.preprocess(images, "adm"))
+    return out["pool"], out["logits"]
+
+  return jax.jit(fn)
+
+
+class Evaluator:
+  """FID/IS of a model's samples against config.eval.ref.
+
+  Built once before training (loading and checking everything it needs);
+  called with the EMA params, returns {"eval/fid", "eval/inception_score",
+  "eval/seconds"}.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model, objective,
+               mesh):
+    validate_config(config)
+    e, s = config.eval, config.get("sample", ml_collections.ConfigDict())
+    self.every, self.total_steps = e.every, config.total_steps
+    self.num_samples, self.batch_size = e.num_samples, e.batch_size
+    self.seed = config.seed
+    self.model, self.objective, self.mesh = model, objective, mesh
+    par = sharding.batch_parallelism(mesh)
+    if self.batch_size % par:  # a fixed chunk keeps the noise mesh-free
+      raise ValueError(f"config.eval.batch_size={self.batch_size} must be "
+                       f"divisible by the {par} devices of the batch axes "
+                       f"{sharding.BATCH_AXES} of mesh {dict(mesh.shape)}")
+    # "" / 0 / None take the sample section's values (then the objective's).
+    self.sampler_name = e.get("sampler") or s.get("sampler") or None
+    self.steps = e.get("steps") or s.get("steps") or None
+    cfg = e.get("cfg_scale")
+    self.cfg_scale = float(s.get("cfg_scale", 1.0) if cfg is None else cfg)
+    try:
+      objective.check_sampler(self.sampler_name, self.steps, {})
+    except ValueError as err:
+      raise ValueError(f"config.eval.sampler/steps (or config.sample's): "
+                       f"{err}") from err
+    self.decode = latent_decoder(config)
+    channels = 3 if self.decode else model.input_shape[-1]
+    if channels not in (1, 3):
+      raise ValueError(
+          f"config.eval needs images: the model samples {channels}-channel "
+          f"latents; set config.vae.path to the VAE that decodes them")
+    self.ref_mu, self.ref_sigma = load_reference(e.ref)
+    try:
+      params = inception.load_inception(os.path.expanduser(e.inception))
+    except Exception as err:  # torch/pickle/key mismatches: many types
+      raise ValueError(f"config.eval.inception={e.inception!r} is not the "
+                       f"FID Inception-v3 weights file: {err}") from err
+    self.inception_params = jax.device_put(
+        params, sharding.NamedSharding(mesh, sharding.P()))
+    self.labels = cycled_labels(np.arange(model.num_classes),
+                                self.num_samples, model.num_classes)
+    self._sampler = None
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.total_steps
+
+  def images(self, params) -> np.ndarray:
+    """uint8 (num_samples, H, W, C) samples of `params`, as sample.py's."""
+    if self._sampler is None:
+      guidance = diffusion.Guidance(scale=self.cfg_scale,
+                                    null_label=self.model.num_classes)
+      self._sampler = sampling.Sampler(
+          self.model, self.objective, params, mesh=self.mesh,
+          sampler=self.sampler_name, steps=self.steps, guidance=guidance,
+          decode=self.decode)
+    # The jitted sampler takes params as an argument: new EMA params reuse
+    # the compiled program.
+    self._sampler.params = params
+    return sampling.generate(self._sampler, self.labels, seed=self.seed,
+                             chunk=self.batch_size)
+
+  def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inception pool features and logits, batches split over the mesh."""
+    if images.shape[-1] == 1:  # grayscale (digits): Inception wants RGB
+      images = np.repeat(images, 3, axis=-1)
+    fn, bsh = _pool_and_logits(), sharding.batch_sharding(self.mesh)
+    pools, logits = [], []
+    for start in range(0, len(images), self.batch_size):
+      part = images[start:start + self.batch_size]
+      real = len(part)
+      if real < self.batch_size:  # pad: one compiled shape
+        pad = np.zeros((self.batch_size - real,) + part.shape[1:], np.uint8)
+        part = np.concatenate([part, pad])
+      with sharding.use_mesh(self.mesh):
+        out = fn(self.inception_params, jax.device_put(part, bsh))
+      if jax.process_count() > 1:
+        out = multihost_utils.process_allgather(out, tiled=True)
+      pools.append(np.asarray(out[0][:real], np.float32))
+      logits.append(np.asarray(out[1][:real], np.float32))
+    return np.concatenate(pools), np.concatenate(logits)
+
+  def metrics(self, images: np.ndarray) -> dict[str, float]:
+    pool, logits = self.features(images)
+    fid = frechet_distance_to(pool, self.ref_mu, self.ref_sigma)
+    inception_score = scores.inception_score(
+        logits, min(IS_SPLITS, len(logits)))
+    return {"eval/fid": fid, "eval/inception_score": inception_score}
+
+  def __call__(self, params) -> dict[str, float]:
+    start = time.time()
+    result = self.metrics(self.images(params))
+    result["eval/seconds"] = time.time() - start
+    return result
