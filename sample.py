@@ -4,7 +4,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
     python sample.py --checkpoint runs/default [--num_samples 80]
         [--sampler ddpm|ddim|dpm++|euler|heun|sde] [--steps S]
         [--cfg_scale 1.5] [--cfg_channels 3] [--cfg_interval lo,hi]
-        [--labels 1,2,3] [--seed 0] [--out samples.npz]
+        [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
 
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
 (also those written by `python -m jdit.convert`). Sampling is split over all
@@ -33,6 +33,10 @@ _CFG_CHANNELS = flags.DEFINE_integer(
 _CFG_INTERVAL = flags.DEFINE_string(
     "cfg_interval", "0,1", "Guide only for normalised time t in [lo, hi] "
     "(t = 1 is noise).")
+_SHIFT = flags.DEFINE_float(
+    "shift", 0.0, "Flow checkpoints: warp the sampler's time grid, u -> "
+    "s u / (1 + (s - 1) u) with u = 1 the noise end (s > 1 spends more steps "
+    "near noise; config.diffusion.flow.sample_shift); 0 = the checkpoint's.")
 _LABELS = flags.DEFINE_string("labels", "", "Comma-separated class labels, "
                               "cycled; '' = classes in order.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed; sample i uses (seed, i).")
@@ -58,6 +62,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed()
   params, config = checkpoint.load_for_sampling(_CKPT.value)
+  if _SHIFT.value:
+    if config.objective != "flow":
+      raise app.UsageError(f"--shift applies to flow checkpoints; this one's "
+                           f"objective is {config.objective!r}")
+    config.diffusion.flow.sample_shift = _SHIFT.value
   model, objective = sampling.model_from_config(config)
   k = model.num_classes
   if _LABELS.value:

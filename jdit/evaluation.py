@@ -74,15 +74,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def latent_decoder(config: ml_collections.ConfigDict):
   """latents -> [-1, 1] images with config.vae (None for pixel models).
 
-  Shared by sample.py and the evaluator: samples are divided by the VAE's
-  scale factor (the dataset multiplied latents by it) and decoded.
+  Shared by sample.py and the evaluator: the dataset's normalisation is
+  undone (divided by the VAE's scale factor and, for VAEs with per-channel
+  statistics such as VA-VAE, de-standardised) and the latents decoded.
   """
   if not (config.get("vae") and config.vae.get("path")):
     return None
   from jdit import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  vae_model, vae_params, scale = vae_lib.load_vae(config.vae.path)
-  return lambda z: vae_model.apply({"params": vae_params}, z / scale,
-                                   method="decode")
+  vae_model, vae_params, _ = vae_lib.load_vae(config.vae.path)
+  return lambda z: vae_model.apply({"params": vae_params}, z,
+                                   method="decode_latents")
 
 
 def cycled_labels(base: np.ndarray, n: int, num_classes: int) -> np.ndarray:
