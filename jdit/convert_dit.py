@@ -87,7 +87,6 @@ def _dit_torch_layout(model: DiT) -> dict[str, tuple[tuple[int, ...], str,
   linear("final_layer.adaLN_modulation.1",
          ("final_layer", "adaLN_modulation"), 2 * d, d)
   linear("final_layer.linear", ("final_layer", "linear"), p * p * c_out, d)
-  del heads
   return out
 
 

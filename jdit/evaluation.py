@@ -16,17 +16,14 @@ before the trainer does any training compute.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 
-import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from jdit import diffusion, sampling, sharding
-from jdit.metrics import inception, scores
+from jdit.metrics import fid, inception, scores
 
 POOL_FEATURES = 2048  # InceptionV3's pool_3 width, the size of mu and sigma
 FID_METHOD = "eigh"   # same value as ADM's sqrtm to ~1e-6, ~20x faster
@@ -144,18 +141,6 @@ def frechet_distance_to(features: np.ndarray, ref_mu: np.ndarray,
                - 2.0 * np.sum(np.sqrt(np.clip(ev, 0, None))))
 
 
-@functools.lru_cache(maxsize=None)
-def _pool_and_logits():
-  """One jitted Inception (ADM preprocessing) returning what FID/IS use."""
-  net = inception.InceptionV3()
-
-  def fn(params, images):
-    out = net.apply({"params": params}, inception.preprocess(images, "adm"))
-    return out["pool"], out["logits"]
-
-  return jax.jit(fn)
-
-
 class Evaluator:
   """FID/IS of a model's samples against config.eval.ref.
 
@@ -199,8 +184,8 @@ class Evaluator:
     except Exception as err:  # torch/pickle/key mismatches: many types
       raise ValueError(f"config.eval.inception={e.inception!r} is not the "
                        f"FID Inception-v3 weights file: {err}") from err
-    self.inception_params = jax.device_put(
-        params, sharding.NamedSharding(mesh, sharding.P()))
+    self.inception = fid.InceptionFeatures(params, self.batch_size,
+                                           mesh=mesh)
     self.labels = cycled_labels(np.arange(model.num_classes),
                                 self.num_samples, model.num_classes)
     self._sampler = None
@@ -227,21 +212,8 @@ class Evaluator:
     """Inception pool features and logits, batches split over the mesh."""
     if images.shape[-1] == 1:  # grayscale (digits): Inception wants RGB
       images = np.repeat(images, 3, axis=-1)
-    fn, bsh = _pool_and_logits(), sharding.batch_sharding(self.mesh)
-    pools, logits = [], []
-    for start in range(0, len(images), self.batch_size):
-      part = images[start:start + self.batch_size]
-      real = len(part)
-      if real < self.batch_size:  # pad: one compiled shape
-        pad = np.zeros((self.batch_size - real,) + part.shape[1:], np.uint8)
-        part = np.concatenate([part, pad])
-      with sharding.use_mesh(self.mesh):
-        out = fn(self.inception_params, jax.device_put(part, bsh))
-      if jax.process_count() > 1:
-        out = multihost_utils.process_allgather(out, tiled=True)
-      pools.append(np.asarray(out[0][:real], np.float32))
-      logits.append(np.asarray(out[1][:real], np.float32))
-    return np.concatenate(pools), np.concatenate(logits)
+    feats = self.inception([images])
+    return feats["pool"], feats["logits"]
 
   def metrics(self, images: np.ndarray) -> dict[str, float]:
     pool, logits = self.features(images)

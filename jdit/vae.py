@@ -231,10 +231,8 @@ class AutoencoderKL(nn.Module):
   @nn.nowrap
   def normalize_latents(self, z):
     """VAE latents (B, h, w, C) -> what diffusion models see."""
-    if self.latents_mean is not None:
-      z = (z - jnp.asarray(self.latents_mean, jnp.float32)) / jnp.asarray(
-          self.latents_std, jnp.float32)
-    return z * self.scale_factor
+    return normalize(z, self.scale_factor, self.latents_mean,
+                     self.latents_std)
 
   @nn.nowrap
   def denormalize_latents(self, x):
@@ -293,6 +291,16 @@ class AutoencoderKL(nn.Module):
     if rng is not None:
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self.decode(z)
+
+
+def normalize(z, scale_factor: float, latents_mean=None, latents_std=None):
+  """(z - latents_mean) / latents_std * scale_factor, the standardisation
+  skipped when latents_mean is None; numpy or jax arrays (the latent
+  dataset normalises on the host, the VAE module on the device)."""
+  if latents_mean is not None:
+    z = (z - np.asarray(latents_mean, np.float32)) / np.asarray(
+        latents_std, np.float32)
+  return z * float(scale_factor)
 
 
 def check_latent_stats(mean, std, channels: int, what: str = "the VAE config"

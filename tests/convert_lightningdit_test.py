@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert_test import TINY, TorchDiT, TorchFinal, _modulate
+from convert_test import (TINY, TorchDiT, TorchFinal, TorchMlp, _modulate,
+                          _torch_out)
 from jdit import checkpoint, convert, convert_cli
 from jdit.models import build_model
 
@@ -102,16 +103,6 @@ class TorchSwiGLU(tnn.Module):
     return self.w3(F.silu(x1) * x2)
 
 
-class TorchMlp(tnn.Module):
-
-  def __init__(self, dim, hidden):
-    super().__init__()
-    self.fc1, self.fc2 = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
-
-  def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 def _norm(kind, dim):
   if kind == "rms":
     return TorchRMSNorm(dim)
@@ -186,13 +177,6 @@ def _inputs():
   t = np.array([0.0, 0.4, 1.0], np.float32)
   y = np.array([1, 10, 7])  # 10 is the null (CFG) label
   return x, t, y
-
-
-def _torch_out(model_t, x, t, y):
-  with torch.no_grad():
-    out = model_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                  torch.from_numpy(t), torch.from_numpy(y)).numpy()
-  return out.transpose(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

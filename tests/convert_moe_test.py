@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert_test import SMALL, TINY, TorchBlock, _torch_dit
+from convert_test import SMALL, TINY, TorchBlock, _torch_dit, _torch_out
 from jdit import checkpoint, convert, convert_cli
 from jdit.models import build_model
 from jdit.models.moe_models import dit_moe_options
@@ -92,13 +92,6 @@ def _inputs():
   t = np.array([0.0, 17.5, 999.0], np.float32)
   y = np.array([1, 10, 7])  # 10 is the null (CFG) label
   return x, t, y
-
-
-def _torch_out(model_t, x, t, y):
-  with torch.no_grad():
-    out = model_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                  torch.from_numpy(t), torch.from_numpy(y)).numpy()
-  return out.transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")

@@ -153,6 +153,14 @@ def _torch_dit(input_size=8, patch_size=2, in_channels=4, num_classes=10,
   return model
 
 
+def _torch_out(model_t, x, t, y):
+  """The PyTorch model's output on channels-last numpy inputs, channels-last."""
+  with torch.no_grad():
+    out = model_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                  torch.from_numpy(t), torch.from_numpy(y)).numpy()
+  return out.transpose(0, 2, 3, 1)
+
+
 def _ours(input_size=8, patch_size=2, in_channels=4, num_classes=10):
   return build_model(f"DiT-S/{patch_size}", input_size=input_size,
                      in_channels=in_channels, num_classes=num_classes,
@@ -170,13 +178,10 @@ def _compare(model_t, sd, input_size=8, **kw):
   y = np.array([1, 10, 7])  # 10 is the null (CFG) label
   out = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t),
                     jnp.asarray(y))
-  with torch.no_grad():
-    ref = model_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                  torch.from_numpy(t), torch.from_numpy(y)).numpy()
+  ref = _torch_out(model_t, x, t, y)
   assert out.shape == (3, input_size, input_size, 8)
   assert np.abs(ref).mean() > 0.1  # a meaningful, non-degenerate output
-  np.testing.assert_allclose(out, ref.transpose(0, 2, 3, 1), atol=ATOL,
-                             rtol=RTOL)
+  np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
   return params, model
 
 

@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from jdit.data.pipeline import DATASETS, DatasetSpec
 # The factor comes from the VAE's config; extract_latents records the factor
 # of the VAE it used, and load() checks that it agrees with the spec's.
-from jdit.vae import SD_VAE_SCALE_FACTOR, check_latent_stats
+from jdit.vae import SD_VAE_SCALE_FACTOR, check_latent_stats, normalize
 
 DATASET_NAME = "jdit_latents"
 STATS_FILE = "latent_stats.json"
@@ -68,11 +68,8 @@ def sample(batch: dict, rngs, *, scale_factor: float, latents_mean=None,
   std = batch["latent_std"].astype(np.float32)
   eps = np.stack([r.standard_normal(mean.shape[1:], np.float32)
                   for r in rngs])
-  z = mean + std * eps
-  if latents_mean is not None:
-    z = (z - np.asarray(latents_mean, np.float32)) / np.asarray(
-        latents_std, np.float32)
-  return z * np.float32(scale_factor), batch["label"].astype(np.int32)
+  z = normalize(mean + std * eps, scale_factor, latents_mean, latents_std)
+  return z, batch["label"].astype(np.int32)
 
 
 def read_stats(directory: str) -> dict:

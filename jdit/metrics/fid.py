@@ -32,8 +32,10 @@ import zipfile
 from typing import Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
+from jdit import sharding
 from jdit.metrics import inception, scores
 
 
@@ -108,15 +110,33 @@ class InceptionFeatures:
   """Batched, jitted Inception features of uint8 images.
 
   Every batch is padded to `batch_size`, so the network compiles once per
-  image size.
+  image size. With a `mesh`, each batch is split over its batch axes (the
+  batch size must divide over them) and, on several hosts, gathered back, so
+  every host gets all features.
   """
 
-  def __init__(self, params, batch_size: int = 100, resize: str = "adm"):
+  def __init__(self, params, batch_size: int = 100, resize: str = "adm",
+               mesh=None):
     if resize not in inception.RESIZE_MODES:
       raise ValueError(f"resize must be one of {inception.RESIZE_MODES}")
-    self.params = jax.device_put(params)
-    self.batch_size = batch_size
+    self.mesh, self.batch_size = mesh, batch_size
     self._fn = _feature_fn(resize)
+    if mesh is None:
+      self.params = jax.device_put(params)
+    else:
+      self.params = jax.device_put(
+          params, sharding.NamedSharding(mesh, sharding.P()))
+      self._batch_sharding = sharding.batch_sharding(mesh)
+
+  def _apply(self, images: np.ndarray):
+    if self.mesh is None:
+      return self._fn(self.params, images)
+    with sharding.use_mesh(self.mesh):
+      out = self._fn(self.params,
+                     jax.device_put(images, self._batch_sharding))
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    return out
 
   def __call__(self, batches) -> dict[str, np.ndarray]:
     out = {"pool": [], "spatial": [], "logits": []}
@@ -127,7 +147,7 @@ class InceptionFeatures:
         if n < self.batch_size:
           pad = np.zeros((self.batch_size - n,) + part.shape[1:], part.dtype)
           part = np.concatenate([part, pad])
-        feats = self._fn(self.params, part)
+        feats = self._apply(part)
         for k in out:  # float32; statistics() accumulates in float64
           out[k].append(np.asarray(feats[k][:n], np.float32))
     return {k: np.concatenate(v) for k, v in out.items()}
