@@ -66,8 +66,10 @@ def _levels(sd, prefix):
                  if m})
 
 
-def infer_config(sd: Mapping[str, Any]) -> dict:
-  """AutoencoderKL fields (all but norm groups) read off LDM weights."""
+def read_structure(sd: Mapping[str, Any]) -> dict:
+  """The layout-specific AutoencoderKL fields read off LDM weights, and the
+  levels with attention in the encoder and the decoder
+  (convert_vae.infer_config completes and checks them)."""
   missing = [k for k in _NEEDED if k not in sd]
   if missing:
     raise convert.CheckpointMismatchError(
@@ -83,21 +85,11 @@ def infer_config(sd: Mapping[str, Any]) -> dict:
   enc_attn = tuple(i for i in levels if _levels(sd, f"encoder.down.{i}.attn"))
   dec_attn = tuple(i for i in _levels(sd, "decoder.up")
                    if _levels(sd, f"decoder.up.{i}.attn"))
-  if enc_attn != dec_attn:
-    raise convert.CheckpointMismatchError(
-        f"LDM encoder has attention at levels {enc_attn} but the decoder at "
-        f"{dec_attn}; jdit's AutoencoderKL needs the same levels (one "
-        f"attn_resolutions)")
   return dict(
-      in_channels=int(np.shape(sd["encoder.conv_in.weight"])[1]),
-      out_channels=int(np.shape(sd["decoder.conv_out.weight"])[0]),
-      latent_channels=int(np.shape(sd["decoder.conv_in.weight"])[1]),
       block_out_channels=chans,
       layers_per_block=len(_levels(sd, "encoder.down.0.block")),
       mid_block_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd),
-      attention_levels=enc_attn,
-      use_quant_conv="quant_conv.weight" in sd,
-      use_post_quant_conv="post_quant_conv.weight" in sd)
+      encoder_attention=enc_attn, decoder_attention=dec_attn)
 
 
 # diffusers name -> LDM name, applied in order after the block prefixes.

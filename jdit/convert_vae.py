@@ -64,7 +64,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict:
   needed = ("encoder.conv_in.weight", "decoder.conv_in.weight",
             "decoder.conv_out.weight")
   if convert_ldm_vae.is_ldm(sd):
-    return convert_ldm_vae.infer_config(sd)
+    return _complete_config(sd, "LDM", **convert_ldm_vae.read_structure(sd))
   if not all(k in sd for k in needed):
     raise convert.CheckpointMismatchError(
         f"not a diffusers AutoencoderKL state dict (nor a CompVis/LDM one): "
@@ -84,20 +84,28 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict:
                    if _count(sd, f"encoder.down_blocks.{i}.attentions"))
   dec_attn = tuple(sorted(blocks - 1 - k for k in range(blocks)
                           if _count(sd, f"decoder.up_blocks.{k}.attentions")))
-  if enc_attn != dec_attn:
+  return _complete_config(
+      sd, "diffusers", block_out_channels=chans,
+      layers_per_block=_count(sd, "encoder.down_blocks.0.resnets"),
+      mid_block_attention=any(".mid_block.attentions.0." in k for k in sd),
+      encoder_attention=enc_attn, decoder_attention=dec_attn)
+
+
+def _complete_config(sd, layout: str, *, encoder_attention,
+                     decoder_attention, **fields) -> dict:
+  """The fields both layouts name alike, added to the layout's own."""
+  if encoder_attention != decoder_attention:
     raise convert.CheckpointMismatchError(
-        f"encoder has attention blocks at levels {enc_attn} but the decoder "
-        f"at {dec_attn}; jdit's AutoencoderKL needs the same levels")
+        f"{layout} encoder has attention at levels {encoder_attention} but "
+        f"the decoder at {decoder_attention}; jdit's AutoencoderKL needs the "
+        f"same levels")
   return dict(
       in_channels=int(np.shape(sd["encoder.conv_in.weight"])[1]),
       out_channels=int(np.shape(sd["decoder.conv_out.weight"])[0]),
       latent_channels=int(np.shape(sd["decoder.conv_in.weight"])[1]),
-      block_out_channels=chans,
-      layers_per_block=_count(sd, "encoder.down_blocks.0.resnets"),
-      mid_block_attention=any(".mid_block.attentions.0." in k for k in sd),
-      attention_levels=enc_attn,
+      attention_levels=encoder_attention,
       use_quant_conv="quant_conv.weight" in sd,
-      use_post_quant_conv="post_quant_conv.weight" in sd)
+      use_post_quant_conv="post_quant_conv.weight" in sd, **fields)
 
 
 def _layout(model: AutoencoderKL) -> dict[str, tuple[tuple[int, ...], str,
