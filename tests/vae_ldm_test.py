@@ -100,6 +100,15 @@ class Mid(nn.Module):
     return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def _run_level(level, h):
+  """One level's resnets, each followed by its attention where it has one."""
+  for j, block in enumerate(level.block):
+    h = block(h)
+    if len(level.attn):
+      h = level.attn[j](h)
+  return h
+
+
 class Encoder(nn.Module):
 
   def __init__(self):
@@ -126,10 +135,7 @@ class Encoder(nn.Module):
   def forward(self, x):
     h = self.conv_in(x)
     for level in self.down:
-      for j, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-          h = level.attn[j](h)
+      h = _run_level(level, h)
       if hasattr(level, "downsample"):
         h = level.downsample(h)
     return self.conv_out(F.silu(self.norm_out(self.mid(h))))
@@ -163,10 +169,7 @@ class Decoder(nn.Module):
   def forward(self, z):
     h = self.mid(self.conv_in(z))
     for level in reversed(self.up):
-      for j, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-          h = level.attn[j](h)
+      h = _run_level(level, h)
       if hasattr(level, "upsample"):
         h = level.upsample(h)
     return self.conv_out(F.silu(self.norm_out(h)))
