@@ -35,21 +35,16 @@ nearest neighbours.
 import ml_collections
 
 from jdit import distill
-from jdit.config_util import sibling_config
+from jdit.config_util import sibling_config, split_arg
 
 
 def _parse(arg: str | None) -> dict:
-  kw = {"imagenet256": False, "window": None}
-  for part in (p for p in (arg or "").split(",") if p):
-    key, _, value = part.partition("=")
-    if key == "imagenet256" and not value:
-      kw["imagenet256"] = True
-    elif key == "window" and value.isdigit():
-      kw["window"] = int(value)
-    else:
-      raise ValueError(f"configs/clear_distill.py: bad option {part!r}; "
-                       f"allowed: imagenet256, window=<int radius>")
-  return kw
+  words, kw = split_arg(arg, __file__, {"window": ""}, words=("imagenet256",))
+  if kw["window"] and not kw["window"].isdigit():
+    raise ValueError(f"configs/clear_distill.py: window must be an integer "
+                     f"radius, got {kw['window']!r}")
+  return {"imagenet256": "imagenet256" in words,
+          "window": int(kw["window"]) if kw["window"] else None}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -44,20 +44,14 @@ The published recipe has no gradient clipping (grad_clip = 0 here).
 
 import ml_collections
 
-from jdit.config_util import sibling_config
+from jdit.config_util import sibling_config, split_arg
 
 RESOLUTIONS = {256: "imagenet256_latents", 512: "imagenet512_latents"}
 
 
 def _parse(arg: str | None) -> dict:
-  kw = {"model": "DiT-XL/2", "res": "256"}
-  for part in (p for p in (arg or "").split(",") if p):
-    key, _, value = part.partition("=")
-    if key not in kw or not value:
-      raise ValueError(f"configs/dit_imagenet256.py: bad option {part!r}; "
-                       f"allowed: model=<a build_model name>, res=256|512")
-    kw[key] = value
-  if int(kw["res"]) not in RESOLUTIONS:
+  _, kw = split_arg(arg, __file__, {"model": "DiT-XL/2", "res": "256"})
+  if not kw["res"].isdigit() or int(kw["res"]) not in RESOLUTIONS:
     raise ValueError(f"configs/dit_imagenet256.py: res must be one of "
                      f"{sorted(RESOLUTIONS)}, got {kw['res']}")
   return kw

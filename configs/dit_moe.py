@@ -16,26 +16,13 @@ all-to-all, so `num_experts` must be divisible by `mesh.expert`.
 
 import ml_collections
 
-from jdit.config_util import sibling_config
+from jdit.config_util import sibling_config, split_arg
 from jdit.models.moe_models import dit_moe_options
 
 def _parse(arg: str | None) -> tuple[str, dict]:
-  parts = [p for p in (arg or "digits").split(",") if p]
-  variant, kw = "digits", {}
-  for part in parts:
-    if "=" in part:
-      key, value = part.split("=", 1)
-      kw[key] = value
-    else:
-      variant = part
-  if variant not in ("digits", "imagenet"):
-    raise ValueError(f"configs/dit_moe.py: variant must be 'digits' or "
-                     f"'imagenet', got {variant!r}")
-  unknown = sorted(set(kw) - {"model"})
-  if unknown:
-    raise ValueError(f"configs/dit_moe.py: unknown options {unknown}; "
-                     f"allowed: model=<a DiT-MoE-* name>")
-  return variant, kw
+  words, kw = split_arg(arg, __file__, {"model": "DiT-MoE-S/2-8E2A"},
+                        words=("digits", "imagenet"))
+  return (words[-1] if words else "digits"), kw
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ sized for that grid; the imagenet variant uses the family's registered model
 
 import ml_collections
 
-from jdit.config_util import sibling_config
+from jdit.config_util import sibling_config, split_arg
 
 # family -> (named model at 256px, mixer, mixer options for the 4x4 digits
 # token grid).
@@ -39,24 +39,15 @@ ALIASES = {"dim": "mamba", "pt-dit": "proxy", "ptdit": "proxy",
 
 
 def _parse(arg):
-  family, variant, kw = None, "digits", {}
-  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
-    if "=" in part:
-      key, value = part.split("=", 1)
-      kw[key] = value
-    elif part in ("digits", "imagenet"):
-      variant = part
-    else:
-      family = ALIASES.get(part.lower(), part.lower())
-  if family not in FAMILIES:
-    raise ValueError(f"configs/efficient.py: pick a family with "
+  words, kw = split_arg(arg, __file__, {"model": ""},
+                        words=("digits", "imagenet", *FAMILIES, *ALIASES))
+  families = [ALIASES.get(w, w) for w in words if w in FAMILIES or w in ALIASES]
+  if len(families) != 1:
+    raise ValueError(f"configs/efficient.py: pick one family with "
                      f"':<family>', one of {sorted(FAMILIES)} (aliases "
                      f"{sorted(ALIASES)}), got {arg!r}")
-  unknown = sorted(set(kw) - {"model"})
-  if unknown:
-    raise ValueError(f"configs/efficient.py: unknown options {unknown}; "
-                     f"allowed: model=<a build_model name>")
-  return family, variant, kw
+  variant = "imagenet" if "imagenet" in words else "digits"
+  return families[0], variant, {k: v for k, v in kw.items() if v}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

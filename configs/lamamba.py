@@ -27,28 +27,16 @@ learned sigma, EMA 0.9999, label dropout 0.1, constant lr) is DiT's.
 """
 import ml_collections
 
-from jdit.config_util import sibling_config
+from jdit.config_util import sibling_config, split_arg
 
 VARIANTS = ("digits", "imagenet256", "imagenet512")
 EPOCH_STEPS = 1_281_167 // 256  # ImageNet-1k train images / batch 256
 
 
 def _parse(arg: str | None) -> tuple[str, dict]:
-  variant, kw = "digits", {}
-  for part in (p.strip() for p in (arg or "").split(",") if p.strip()):
-    if "=" in part:
-      key, value = part.split("=", 1)
-      kw[key] = value
-    else:
-      variant = part
-  if variant not in VARIANTS:
-    raise ValueError(f"configs/lamamba.py: variant must be one of "
-                     f"{VARIANTS}, got {variant!r}")
-  unknown = sorted(set(kw) - {"model"})
-  if unknown:
-    raise ValueError(f"configs/lamamba.py: unknown options {unknown}; "
-                     f"allowed: model=<a LaMamba-Diff-* name>")
-  return variant, kw
+  words, kw = split_arg(arg, __file__, {"model": ""}, words=VARIANTS)
+  return (words[-1] if words else "digits"), {k: v for k, v in kw.items()
+                                              if v}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -30,3 +30,38 @@ def sibling_config(config_file: str, name: str, arg: str | None = None
   return load_config(
       os.path.join(os.path.dirname(os.path.abspath(config_file)),
                    f"{name}.py"), arg)
+
+
+def split_arg(arg: str | None, config_file: str, keys: dict[str, str],
+              words: tuple[str, ...] = ()
+              ) -> tuple[list[str], dict[str, str]]:
+  """A config file's argument ("configs/x.py:imagenet,model=DiT-B/2") split
+  into its bare words and its key=value options.
+
+  Args:
+    arg: the text after ":" (None or "" for none).
+    config_file: the config's __file__, named in errors.
+    keys: the allowed keys with their defaults (returned when not given).
+    words: the allowed bare words.
+
+  Returns:
+    (the words given, in order; {key: value} for every key).
+
+  Raises:
+    ValueError: a word or key that is not allowed, or a key without a
+      value; names everything that is allowed.
+  """
+  given, values = [], dict(keys)
+  for part in (p.strip() for p in (arg or "").split(",") if p.strip()):
+    key, eq, value = part.partition("=")
+    if (key in keys and value) if eq else part in words:
+      if eq:
+        values[key] = value
+      else:
+        given.append(part)
+      continue
+    allowed = [*words, *(f"{k}=..." for k in keys)]
+    raise ValueError(
+        f"configs/{os.path.basename(config_file)}: bad option {part!r}; "
+        f"allowed: {', '.join(allowed) or 'none'}")
+  return given, values

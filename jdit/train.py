@@ -118,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   model, objective = sampling.model_from_config(config)
-  spec = data.get_spec(config.data.name)
+  spec = data.get_spec(config.data.name, config.data.data_dir)
   if (spec.num_classes != model.num_classes
       or spec.shape != model.input_shape):
     raise ValueError(

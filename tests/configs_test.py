@@ -1,9 +1,10 @@
 """Every config file builds its model and objective; public keys exist."""
+import json
 import pathlib
 
 import pytest
 
-from jdit import sampling
+from jdit import data, sampling
 from tests.conftest import load_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] /
@@ -41,3 +42,26 @@ def test_dit_recipe():
   assert (c.model.name, c.model.input_size, c.batch_size, c.optim.lr,
           c.ema_decay, c.total_steps) == ("DiT-XL/2", 32, 256, 1e-4, 0.9999,
                                           7_000_000)
+
+
+def test_lightningdit_recipe(tmp_path):
+  c = load_config("lightningdit_imagenet256")
+  model, objective = sampling.model_from_config(c)
+  assert c.model.name == "LightningDiT-XL/1" and not model.learn_sigma
+  assert model.input_shape == (16, 16, 32)
+  assert (c.batch_size, c.optim.lr, c.optim.b2) == (1024, 2e-4, 0.95)
+  f = objective.config
+  assert (f.time_sampling, f.cosine_loss) == ("logit_normal", 1.0)
+  assert objective.sampler_options["euler"]["shift"] == pytest.approx(1 / 0.3)
+  # The dataset "latents" takes its shape from the extraction's files.
+  (tmp_path / "latent_stats.json").write_text(json.dumps(
+      {"latent_shape": [16, 16, 32], "num_classes": 1000,
+       "scale_factor": 1.0, "latents_mean": [0.0] * 32,
+       "latents_std": [1.0] * 32}))
+  spec = data.get_spec(c.data.name, str(tmp_path))
+  assert spec.shape == model.input_shape and spec.num_classes == 1000
+  small = load_config("lightningdit_imagenet256", "model=LightningDiT-B/1")
+  assert small.model.name == "LightningDiT-B/1"
+  with pytest.raises(ValueError, match=r"bad option 'res=512'; allowed: "
+                     r"model=\.\.\."):
+    load_config("lightningdit_imagenet256", "res=512")

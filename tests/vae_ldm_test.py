@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jdit import convert, convert_cli, convert_vae, vae
+from jdit import data
 from jdit.data import latents
 
 torch = pytest.importorskip("torch")
@@ -391,6 +392,13 @@ def test_latent_dataset_checks_the_normalisation(tmp_path):
   with pytest.raises(ValueError, match="latents_std"):
     latents.load("train", str(tmp_path), latents_mean=(0.5, -0.5),
                  latents_std=(2.0, 1.0), **common)
+  # The dataset "latents" takes the normalisation from the file instead.
+  spec = data.get_spec("latents", str(tmp_path))
+  assert spec.shape == (2, 2, 2) and spec.num_classes == 1
+  z, _ = spec.to_model({"latent_mean": np.full((1, 2, 2, 2), 0.5),
+                        "latent_std": np.zeros((1, 2, 2, 2)),
+                        "label": np.zeros(1)}, [np.random.default_rng(0)])
+  np.testing.assert_allclose(z[0, 0, 0], [0.0, 1.0 / 3.0])
   with pytest.raises(ValueError, match=r"latent dataset 'bad': latents_mean "
                      r"has 3 values"):
     latents.register("bad", 32, 1, latent_channels=2, downsample=16,

@@ -21,7 +21,11 @@ extraction's --out directory):
   imagenet256_latents   256px images -> 32x32x4 latents, 1000 classes
   imagenet_latents      the same (alias)
   imagenet512_latents   512px images -> 64x64x4 latents, 1000 classes
-`register(name, image_size, num_classes)` adds others (own image folders).
+  latents               any extraction: shape, classes and normalisation
+                        from data_dir's latent_stats.json (VA-VAE, own
+                        image folders, other resolutions)
+`register(name, image_size, num_classes)` adds a fixed one, checked against
+the file.
 """
 from __future__ import annotations
 
@@ -125,6 +129,21 @@ def load(split: str, data_dir: str, *, name: str, shape, num_classes: int,
   return builder.as_data_source(split=split)
 
 
+def _spec(name: str, shape, num_classes: int, *, scale_factor: float,
+          latents_mean=None, latents_std=None) -> DatasetSpec:
+  check_latent_stats(latents_mean, latents_std, shape[-1],
+                     f"latent dataset {name!r}")
+  norm = dict(scale_factor=scale_factor,
+              latents_mean=None if latents_mean is None
+              else tuple(latents_mean),
+              latents_std=None if latents_std is None else tuple(latents_std))
+  return DatasetSpec(
+      DATASET_NAME, shape, num_classes,
+      functools.partial(sample, **norm), random=True,
+      load=functools.partial(load, name=name, shape=shape,
+                             num_classes=num_classes, **norm))
+
+
 def register(name: str, image_size: int, num_classes: int = 1000, *,
              latent_channels: int = 4, downsample: int = 8,
              scale_factor: float = SD_VAE_SCALE_FACTOR, latents_mean=None,
@@ -134,27 +153,36 @@ def register(name: str, image_size: int, num_classes: int = 1000, *,
   scale_factor, latents_mean and latents_std are the VAE's (its config's
   fields; VA-VAE f16d32: latent_channels=32, downsample=16, scale_factor=1.0
   and its 32 means and stds); the dataset checks them against the
-  extraction's latent_stats.json when opened.
+  extraction's latent_stats.json when opened. The dataset "latents" needs
+  no registration: it takes all of these from that file.
   """
   if image_size % downsample:
     raise ValueError(f"image_size {image_size} is not a multiple of the VAE's "
                      f"downsampling factor {downsample}")
   side = image_size // downsample
-  shape = (side, side, latent_channels)
-  check_latent_stats(latents_mean, latents_std, latent_channels,
-                     f"latent dataset {name!r}")
-  norm = dict(scale_factor=scale_factor,
-              latents_mean=None if latents_mean is None
-              else tuple(latents_mean),
-              latents_std=None if latents_std is None else tuple(latents_std))
-  spec = DatasetSpec(
-      DATASET_NAME, shape, num_classes,
-      functools.partial(sample, **norm), random=True,
-      load=functools.partial(load, name=name, shape=shape,
-                             num_classes=num_classes, **norm))
+  spec = _spec(name, (side, side, latent_channels), num_classes,
+               scale_factor=scale_factor, latents_mean=latents_mean,
+               latents_std=latents_std)
   DATASETS[name] = spec
   return spec
 
+
+def from_directory(data_dir: str) -> DatasetSpec:
+  """The dataset "latents": whatever extraction is in `data_dir`, its latent
+  shape, classes and the VAE's normalisation read from latent_stats.json
+  (any VAE, any resolution, e.g. VA-VAE's 16x16x32 with its per-channel
+  statistics)."""
+  if not data_dir:
+    raise ValueError("dataset 'latents' needs config.data.data_dir: the --out "
+                     "directory of jdit.data.extract_latents")
+  stats = read_stats(os.path.expanduser(data_dir))
+  return _spec("latents", tuple(stats["latent_shape"]), stats["num_classes"],
+               scale_factor=stats["scale_factor"],
+               latents_mean=stats.get("latents_mean"),
+               latents_std=stats.get("latents_std"))
+
+
+DATASETS["latents"] = from_directory
 
 register("imagenet256_latents", 256)
 register("imagenet_latents", 256)  # alias: the DiT paper's main resolution

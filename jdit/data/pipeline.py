@@ -53,16 +53,20 @@ def uint8_images(batch: dict) -> tuple[np.ndarray, np.ndarray]:
   return x, batch["label"].astype(np.int32)
 
 
-DATASETS: dict[str, DatasetSpec] = {
+# A spec, or a function data_dir -> spec for datasets that describe
+# themselves (a latent dataset's shape and normalisation are in its files).
+DATASETS: dict[str, DatasetSpec | Callable[[str], DatasetSpec]] = {
     "digits": DatasetSpec("jdit_digits", (8, 8, 1), 10, uint8_images,
                           builder_module="jdit.data.digits"),
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
+def get_spec(name: str, data_dir: str = "") -> DatasetSpec:
+  """The spec of dataset `name` (config.data.name) in `data_dir`."""
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
-  return DATASETS[name]
+  entry = DATASETS[name]
+  return entry if isinstance(entry, DatasetSpec) else entry(data_dir)
 
 
 def default_data_dir() -> str:
@@ -72,7 +76,7 @@ def default_data_dir() -> str:
 
 def load_source(name: str, split: str = "train", data_dir: str = ""):
   """Prepares the dataset if needed and returns a random-access source."""
-  spec = get_spec(name)
+  spec = get_spec(name, data_dir)
   if spec.load is not None:
     return spec.load(split, data_dir)
   if spec.builder_module:

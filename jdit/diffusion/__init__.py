@@ -55,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
   f.path = "linear"           # "linear" (x_t = (1-t) x0 + t eps) | "gvp".
   f.prediction = "velocity"   # Network target: "velocity" | "noise" | "score".
   f.loss_weight = "none"      # "none" | "velocity" | "likelihood" (SiT).
+  f.cosine_loss = 0.0         # Weight of a direction term, mean over
+  #                             positions of 1 - cos(predicted, true velocity)
+  #                             across channels (LightningDiT: 1.0); velocity
+  #                             prediction only.
   f.time_sampling = "uniform"  # Training t: "uniform" | "logit_normal".
   f.logit_mean = 0.0          # Logit-normal location (SD3: 0.0).
   f.logit_std = 1.0           # Logit-normal scale (SD3: 1.0).

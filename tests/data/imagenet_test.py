@@ -217,11 +217,29 @@ def test_latent_batches_sample_the_moments_deterministically(tiny_latents):
   assert abs(eps.mean()) < 0.2 and 0.8 < eps.std() < 1.2
 
 
-def test_trains_on_latents_and_resumes_exactly(tiny_latents, tiny_config,
+def test_latents_dataset_describes_itself(tiny_latents):
+  # "latents" reads what register() was told from latent_stats.json, so both
+  # give the same batches.
+  out, spec = tiny_latents
+  own = data.get_spec("latents", out)
+  assert (own.shape, own.num_classes) == (spec.shape, spec.num_classes)
+  assert own.to_model.keywords == spec.to_model.keywords
+  batch = lambda name, s: data.InputPipeline(
+      data.load_source(name, "train", out), s, global_batch_size=8,
+      seed=0).batch(2)["x"]
+  np.testing.assert_array_equal(batch("latents", own),
+                                batch("tiny_latents", spec))
+  with pytest.raises(ValueError, match="needs config.data.data_dir"):
+    data.get_spec("latents")
+
+
+def test_trains_on_latents_and_resumes_exactly(extracted, tiny_config,
                                                tmp_path):
   c = tiny_config
-  c.data.name, c.data.data_dir = "tiny_latents", tiny_latents[0]
+  c.data.name, c.data.data_dir = "latents", extracted[0]
   c.model.update(input_size=4, in_channels=4, num_classes=NUM_CLASSES)
+  c.objective = "flow"  # LightningDiT's loss: MSE plus the cosine term
+  c.diffusion.flow.cosine_loss = 1.0
   c.batch_size, c.total_steps = 8, 2
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
   train_lib.run(c, straight)
@@ -233,6 +251,7 @@ def test_trains_on_latents_and_resumes_exactly(tiny_latents, tiny_config,
   assert [(r["step"], r["loss"]) for r in rows(resumed)] == [
       (r["step"], r["loss"]) for r in rows(straight)]
   assert all(np.isfinite(r["loss"]) for r in rows(straight))
+  assert all(0 < r["cosine"] < 2 for r in rows(straight))
 
 
 @pytest.mark.parametrize("name,arg,side", [

@@ -356,5 +356,5 @@ def test_configs_build_moe_models():
   assert (model.hidden_size, model.input_size, model.num_classes) == (
       768, 32, 1000)
   assert c.mesh.expert == -1
-  with pytest.raises(ValueError, match="variant"):
+  with pytest.raises(ValueError, match="bad option .cifar.; allowed: digits, imagenet"):
     config.get_config("cifar")
