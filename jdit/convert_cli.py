@@ -165,8 +165,11 @@ def convert_dit(args) -> str:
   vae_model = vae_params = None
   scale = args.scale_factor
   if args.vae:
-    vae_model, vae_params, vae_scale = vae_lib.load_vae(args.vae)
-    scale = scale if scale is not None else vae_scale
+    vae_model, vae_params = _load_vae(args.vae, args.latent_stats)
+    scale = scale if scale is not None else vae_model.scale_factor
+  elif args.latent_stats:
+    raise ValueError("--latent_stats describes the VAE's latents; it needs "
+                     "--vae (the VAE's weights)")
   if args.image_size is not None and "input_size" not in overrides:
     factor = vae_model.downsample_factor if vae_model is not None else 8
     if overrides.get("in_channels") == 3 and vae_model is None:
@@ -195,11 +198,30 @@ def convert_dit(args) -> str:
                              else vae_lib.SD_VAE_SCALE_FACTOR, image_size,
                              args.objective)
     checkpoint.save_for_sampling(tmp, params, config)
+  if (args.model.startswith("LightningDiT") and vae_model is not None
+      and vae_model.latents_mean is None):
+    print(f"note: {args.vae} has no per-channel latent statistics; "
+          f"LightningDiT's samples decode right only with VA-VAE's "
+          f"(--latent_stats latents_stats.pt)", file=sys.stderr)
   if model.in_channels != 3 and vae_model is None:
     print(f"note: {args.model} is a latent model and no --vae was given; "
           f"set vae.path in the config (or re-run with --vae) to decode "
           f"samples", file=sys.stderr)
   return out
+
+
+def _load_vae(path: str, latent_stats: str | None):
+  """--vae as (module, params); --latent_stats applies to raw weights only,
+  as `convert vae --latent_stats` would."""
+  if not latent_stats:
+    return vae_lib.load_vae(path)[:2]
+  if os.path.isfile(os.path.join(os.path.expanduser(path),
+                                 vae_lib.CONFIG_FILE)):
+    raise ValueError(
+        f"--vae {path} is a converted VAE, whose latent statistics were "
+        f"fixed when it was converted; drop --latent_stats, or convert the "
+        f"weights again with `python -m jdit.convert vae --latent_stats`")
+  return convert_vae.load_diffusers_vae(path, latent_stats=latent_stats)
 
 
 def convert_vae_cmd(args) -> str:
@@ -242,6 +264,10 @@ def main(argv=None):
                       "directory from `jdit.convert vae`; copied to DIR/vae")
   d.add_argument("--scale_factor", type=float, default=None,
                  help="latent scale (default: the VAE's, 0.18215)")
+  d.add_argument("--latent_stats", default=None,
+                 help="with --vae weights: the per-channel latent mean/std "
+                      "the model was trained with (LightningDiT's "
+                      "latents_stats.pt), as for `convert vae`")
   d.add_argument("--out", required=True)
   v = sub.add_parser("vae", help="diffusers or CompVis/LDM AutoencoderKL "
                                  "weights (SD-VAE, VA-VAE)")

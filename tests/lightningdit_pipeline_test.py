@@ -15,7 +15,7 @@ import pytest
 
 from convert_lightningdit_test import CHANNELS, SIZE, _torch_lightning
 from convert_test import TINY, _run
-from jdit import checkpoint, convert_cli, diffusion, sampling, sharding
+from jdit import checkpoint, convert_cli, diffusion, sampling, sharding, vae
 from vae_ldm_test import GROUPS, Z, AutoencoderKL
 
 torch = pytest.importorskip("torch")
@@ -106,3 +106,30 @@ def test_shift_is_refused_for_ddpm_checkpoints(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0
   assert "--shift applies to flow checkpoints" in proc.stderr
+
+
+def test_dit_conversion_takes_the_vae_statistics(converted, tmp_path, capsys):
+  """`convert dit --vae weights --latent_stats` stores the statistics with
+  the VAE it copies (as `convert vae` does); without them it says so."""
+  tmp = converted[0]
+  base = ["dit", "--checkpoint", str(tmp / "lightningdit.pt"), "--model",
+          "LightningDiT-B/1", "--objective", "sit", "--override",
+          f"in_channels={CHANNELS}", *TINY, "--vae", str(tmp / "vavae.pt")]
+  convert_cli.main(base + ["--latent_stats", str(tmp / "latents_stats.pt"),
+                           "--out", str(tmp_path / "a")])
+  stored, _, scale = vae.load_vae(str(tmp_path / "a" / "vae"))
+  np.testing.assert_allclose(stored.latents_mean, converted[2].ravel())
+  np.testing.assert_allclose(stored.latents_std, converted[3].ravel())
+  assert scale == 1.0
+  capsys.readouterr()
+  convert_cli.main(base + ["--out", str(tmp_path / "b")])
+  assert "no per-channel latent statistics" in capsys.readouterr().err
+  # A converted VAE keeps its own statistics; no VAE, no statistics.
+  for extra in (["--vae", str(tmp / "vae")], []):
+    args = [a for a in base if a not in ("--vae", str(tmp / "vavae.pt"))]
+    with pytest.raises(SystemExit):
+      convert_cli.main(args + extra + [
+          "--latent_stats", str(tmp / "latents_stats.pt"),
+          "--out", str(tmp_path / "c")])
+    assert "--latent_stats" in capsys.readouterr().err
+  assert not (tmp_path / "c").exists()
