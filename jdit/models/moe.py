@@ -226,6 +226,18 @@ class MoE(nn.Module):
   def expert_width(self) -> int:
     return self.expert_hidden or self.hidden
 
+  def macs(self, dim: int) -> int:
+    """Multiply-adds per token as activated (the papers' count): the router,
+    top_k routed experts and the shared ones. Capacity padding and the
+    one-hot dispatch/combine einsums are extra work of this implementation
+    (no-drop sampling runs every expert on every token: E / k times the
+    routed count), not model FLOPs."""
+    per_width = 3 if self.expert_act == "swiglu" else 2  # matmuls per expert
+    shared = self.num_shared_experts * (self.shared_expert_hidden
+                                        or self.expert_width)
+    return dim * self.num_experts + per_width * dim * (
+        self.top_k * self.expert_width + shared)
+
   def _expert_params(self, d: int) -> dict:
     e, h = self.num_experts, self.expert_width
     def param(name, shape, axes, init):

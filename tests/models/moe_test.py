@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jdit import sharding
-from jdit.models import build_model, moe
+from jdit.models import build_model, moe, moe_routing
 from jdit.models.moe_models import DIT_MOE_SIZES, dit_moe_options, param_counts
 
 AXES = ("data", "fsdp", "tensor", "expert")
@@ -358,3 +358,29 @@ def test_configs_build_moe_models():
   assert c.mesh.expert == -1
   with pytest.raises(ValueError, match="bad option .cifar.; allowed: digits, imagenet"):
     config.get_config("cifar")
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_analytic_flops_match_xla(act):
+  """flops() counts activated work (router, k routed experts, shared ones);
+  XLA sees that plus the one-hot dispatch and combine einsums, L * E * cap
+  * D multiply-adds each per layer, when the capacity holds exactly k * L / E
+  tokens per expert (here eval_capacity_factor = 1)."""
+  from jdit.models.flops import flops, xla_flops  # pylint: disable=g-import-not-at-top
+  e, k, size = 4, 2, 16
+  opts = dict(num_experts=e, top_k=k, num_shared_experts=1, expert_act=act,
+              eval_capacity_factor=1.0)
+  kw = dict(input_size=size, depth=2, mlp="moe", mlp_options=opts)
+  model = build_model("DiT-S/2", **kw)
+  length, d = (size // 2) ** 2, model.hidden_size
+  cap = moe_routing.capacity(length, e, k, 1.0)
+  assert cap * e == k * length
+  dispatch = 2 * model.depth * 2 * length * e * cap * d
+  expected = flops("DiT-S/2", **kw) + dispatch
+  xla = xla_flops("DiT-S/2", **kw)
+  assert expected * 0.999 <= xla <= expected * 1.02, (expected, xla)
+  # Activated: k of the E experts, so more experts at the same k cost the
+  # router alone.
+  wider = flops("DiT-S/2", **{**kw, "mlp_options": {
+      **opts, "num_experts": 2 * e}})
+  assert wider - flops("DiT-S/2", **kw) == 2 * model.depth * length * d * e
