@@ -114,23 +114,33 @@ class Sampler:
         out, tiled=True)) if jax.process_count() > 1 else np.asarray(out)
 
 
-def generate(sampler: Sampler, labels: np.ndarray, *, seed: int,
-             chunk: int) -> np.ndarray:
-  """Samples len(labels) images in chunks of `chunk`; uint8 (N, H, W, C)."""
+def generate_batches(sampler: Sampler, labels: np.ndarray, *, seed: int,
+                     chunk: int):
+  """Yields uint8 (n, H, W, C) samples of len(labels) labels, `chunk` at a
+  time (the last one shorter), so that a caller holds one chunk at a time.
+
+  Chunk c draws its noise from fold_in(key(seed), c): the samples depend on
+  the seed and the chunk size, not on the devices or the host count.
+  """
   par = sharding.batch_parallelism(sampler.mesh)
   if chunk % par:
     raise ValueError(f"the sampling batch {chunk} must be divisible by the "
                      f"{par} devices it is split over")
   base = jax.random.key(seed)
-  out = []
   for c, start in enumerate(range(0, len(labels), chunk)):
     y = np.asarray(labels[start:start + chunk])
     real = len(y)
     if real < chunk:  # pad the last chunk; keeps one compiled shape
       y = np.concatenate([y, np.zeros(chunk - real, y.dtype)])
     x = sampler(jax.random.fold_in(base, c), y)
-    out.append(to_uint8(x[:real]))
-  return np.concatenate(out)
+    yield to_uint8(x[:real])
+
+
+def generate(sampler: Sampler, labels: np.ndarray, *, seed: int,
+             chunk: int) -> np.ndarray:
+  """Samples len(labels) images in chunks of `chunk`; uint8 (N, H, W, C)."""
+  return np.concatenate(list(generate_batches(sampler, labels, seed=seed,
+                                              chunk=chunk)))
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:

@@ -114,6 +114,13 @@ def test_eval_samples_depend_only_on_the_seed(tiny_config, eval_files):
   first = evaluator.images(params)
   assert first.shape == (12, 8, 8, 1) and first.std() > 0
   np.testing.assert_array_equal(evaluator.images(params), first)
+  # Scoring streams: batches are made as they are consumed, and the metrics
+  # of the stream are those of all images at once.
+  batches = evaluator.image_batches(params)
+  assert next(batches).shape == (8, 8, 8, 1)
+  assert next(batches).shape == (4, 8, 8, 1)
+  streamed = evaluator.metrics(evaluator.image_batches(params))
+  assert streamed == evaluator.metrics([first])
   c.seed = 1
   other = evaluation.Evaluator(c, model, objective, mesh).images(params)
   assert np.abs(other.astype(int) - first.astype(int)).mean() > 10

@@ -138,8 +138,11 @@ class InceptionFeatures:
       out = multihost_utils.process_allgather(out, tiled=True)
     return out
 
-  def __call__(self, batches) -> dict[str, np.ndarray]:
-    out = {"pool": [], "spatial": [], "logits": []}
+  def __call__(self, batches, keys=("pool", "spatial", "logits")
+               ) -> dict[str, np.ndarray]:
+    """Features of an iterable of uint8 image batches, consumed one at a
+    time; only `keys` are kept."""
+    out = {k: [] for k in keys}
     for batch in batches:
       for i in range(0, len(batch), self.batch_size):
         part = batch[i:i + self.batch_size]
