@@ -59,6 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.grad_accum = 1           # micro-batches per step (same result)
   c.ema_decay = 0.999
   c.ema_warmup = True              # decay min(0.999, (1+step)/(10+step))
+  # Post-hoc EMA (EDM2): power-function EMAs of these relative widths, saved
+  # every `every` steps under workdir/posthoc_ema/; any other width is made
+  # after training by `python -m jdit.posthoc_ema`. 0 = off.
+  c.posthoc_ema = ml_collections.ConfigDict(
+      {"every": 0, "sigma_rels": (0.05, 0.10)})
 
   # Mesh axis sizes; -1 takes the remaining devices. Logical -> mesh rules
   # live in jdit.sharding (override with c.axis_rules).

@@ -3,6 +3,7 @@
 A checkpoint step holds four items, so that sampling reads only what it needs:
   params, ema_params, opt_state   array trees (restored onto any mesh)
   meta                            JSON: step, data position, seed, config
+and, in runs with post-hoc EMA, posthoc_ema (the power EMAs).
 Writes are atomic (orbax renames a finished temporary directory), so a run
 that fails never leaves a half-written or overwritten checkpoint behind.
 """
@@ -17,7 +18,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
-ITEMS = ARRAY_ITEMS + ("meta",)
+# The power EMAs of post-hoc EMA, only in runs that keep them.
+OPTIONAL_ITEMS = ("posthoc_ema",)
+ITEMS = ARRAY_ITEMS + OPTIONAL_ITEMS + ("meta",)
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
@@ -34,8 +37,10 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params, ema_params,
-         opt_state, meta: dict) -> None:
+         opt_state, meta: dict, posthoc_ema=()) -> None:
   items = {"params": params, "ema_params": ema_params, "opt_state": opt_state}
+  if posthoc_ema:
+    items["posthoc_ema"] = posthoc_ema
   args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
   args["meta"] = ocp.args.JsonSave(meta)
   mngr.save(step, args=ocp.args.Composite(**args), force=True)

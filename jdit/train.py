@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from jdit import (checkpoint, data, diffusion, distill, evaluation,
-                  sampling, sharding)
+                  posthoc_ema, sampling, sharding)
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -43,6 +43,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optim.grad_accum={accum} must be >= 1 and "
                      f"divide batch_size={config.batch_size}")
   evaluation.validate_config(config)
+  if posthoc_ema.gammas_from_config(config) and distill.enabled(config):
+    raise ValueError("config.posthoc_ema and config.distill cannot be used "
+                     "together; set config.posthoc_ema.every=0")
 
 
 class MetricWriter:
@@ -81,24 +84,28 @@ class MetricWriter:
 
 def _restore_or_init(mngr, model, tx, mesh, rules, config):
   step = mngr.latest_step()
+  num_posthoc = len(posthoc_ema.gammas_from_config(config))
   if step is None:
-    state = ts.create_state(model, tx, mesh, rules, config.seed)
+    state = ts.create_state(model, tx, mesh, rules, config.seed, num_posthoc)
     if distill.init_path(config):  # a fine-tune starts from those weights
       state = distill.init_from(state, distill.init_path(config))
     return state, 0
   # Resuming: restore straight into the sharded layout, initialising nothing.
-  abstract = ts.abstract_state(model, tx, mesh, rules)
-  target = {k: getattr(abstract, k) for k in checkpoint.ARRAY_ITEMS}
+  abstract = ts.abstract_state(model, tx, mesh, rules, num_posthoc)
+  items = checkpoint.ARRAY_ITEMS + (("posthoc_ema",) if num_posthoc else ())
+  target = {k: getattr(abstract, k) for k in items}
   try:
     out = checkpoint.restore(mngr, step, target)
   except Exception as e:  # orbax raises many types for mismatched trees
     raise ValueError(
         f"the checkpoint at step {step} in {mngr.directory} does not fit "
         f"model {config.model.name!r} as configured (was it written for "
-        f"another model or optimizer?): {e}") from e
+        f"another model or optimizer, or with another "
+        f"config.posthoc_ema?): {e}") from e
   state = ts.TrainState(step=jnp.asarray(step, jnp.int32),
                         params=out["params"], ema_params=out["ema_params"],
-                        opt_state=out["opt_state"])
+                        opt_state=out["opt_state"],
+                        posthoc_ema=tuple(out.get("posthoc_ema", ())))
   return state, int(out["meta"]["data_step"])
 
 
@@ -159,12 +166,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                     ema_decay=config.ema_decay,
                                     grad_accum=accum, seed=config.seed,
                                     mesh=mesh, rules=rules,
-                                    ema_warmup=config.get("ema_warmup", False))
+                                    ema_warmup=config.get("ema_warmup", False),
+                                    posthoc_gammas=posthoc_ema.gammas_from_config(
+                                        config))
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   meta = {"seed": config.seed, "config": checkpoint.config_to_dict(config)}
+  snapshots = (posthoc_ema.snapshot_manager(workdir) if state.posthoc_ema
+               else None)
   window, t0, last = [], time.time(), {}
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -195,7 +206,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           _check_finite(float(jax.device_get(window[-1]["loss"])), step, mngr)
         checkpoint.save(mngr, step, params=state.params,
                         ema_params=state.ema_params, opt_state=state.opt_state,
-                        meta={**meta, "step": step, "data_step": step})
+                        meta={**meta, "step": step, "data_step": step},
+                        posthoc_ema=state.posthoc_ema)
+      if snapshots and (step % config.posthoc_ema.every == 0
+                        or step == config.total_steps):
+        posthoc_ema.save_snapshot(snapshots, step, state.posthoc_ema,
+                                  config.posthoc_ema.sigma_rels, meta["config"])
       if evaluate:  # after the checkpoint: a failing eval loses no training
         last.update(evaluator(state.ema_params))
         bar.set_postfix(loss=f"{last['loss']:.4f}",

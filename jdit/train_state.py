@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jdit import sharding
+from jdit import posthoc_ema, sharding
 from jdit.models.embed import label_drop_mask
 
 
@@ -20,6 +20,9 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  # Power-function EMAs for post-hoc EMA (jdit.posthoc_ema), one param tree
+  # per config.posthoc_ema.sigma_rels; () when off.
+  posthoc_ema: Any = ()
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
@@ -55,7 +58,7 @@ def model_inputs(model: nn.Module, batch_size: int = 1):
           jnp.zeros((batch_size,)), jnp.zeros((batch_size,), jnp.int32))
 
 
-def init_state_fn(model: nn.Module, tx):
+def init_state_fn(model: nn.Module, tx, num_posthoc: int = 0):
   """key -> TrainState with logically-annotated (boxed) params.
 
   Boxes survive tx.init, so the optimizer moments carry the same logical
@@ -65,21 +68,26 @@ def init_state_fn(model: nn.Module, tx):
   def init(key):
     params = model.init(key, *model_inputs(model))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=params, opt_state=tx.init(params))
+                      ema_params=params, opt_state=tx.init(params),
+                      posthoc_ema=(params,) * num_posthoc)
 
   return init
 
 
-def state_shardings(model: nn.Module, tx, mesh, rules) -> TrainState:
-  abstract = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+def state_shardings(model: nn.Module, tx, mesh, rules,
+                    num_posthoc: int = 0) -> TrainState:
+  abstract = jax.eval_shape(init_state_fn(model, tx, num_posthoc),
+                            jax.random.key(0))
   return sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh,
                                       rules)
 
 
-def abstract_state(model: nn.Module, tx, mesh, rules) -> TrainState:
+def abstract_state(model: nn.Module, tx, mesh, rules,
+                   num_posthoc: int = 0) -> TrainState:
   """The state's shapes, dtypes and shardings, without computing it (the
   restore target when resuming)."""
-  boxed = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+  boxed = jax.eval_shape(init_state_fn(model, tx, num_posthoc),
+                         jax.random.key(0))
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh,
                                            rules)
   return jax.tree.map(
@@ -87,10 +95,11 @@ def abstract_state(model: nn.Module, tx, mesh, rules) -> TrainState:
       nn.meta.unbox(boxed), shardings)
 
 
-def create_state(model: nn.Module, tx, mesh, rules, seed: int) -> TrainState:
+def create_state(model: nn.Module, tx, mesh, rules, seed: int,
+                 num_posthoc: int = 0) -> TrainState:
   """Initialises the state directly sharded (never whole on one device)."""
-  init = init_state_fn(model, tx)
-  out_shardings = state_shardings(model, tx, mesh, rules)
+  init = init_state_fn(model, tx, num_posthoc)
+  out_shardings = state_shardings(model, tx, mesh, rules, num_posthoc)
   with sharding.use_mesh(mesh, rules):
     return jax.jit(lambda k: nn.meta.unbox(init(k)),
                    out_shardings=out_shardings)(jax.random.key(seed))
@@ -111,7 +120,7 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
                     grad_accum: int, seed: int, mesh, rules, apply_fn=None,
-                    ema_warmup: bool = False):
+                    ema_warmup: bool = False, posthoc_gammas=()):
   """Returns a jitted (state, batch, frozen=None) -> (state, metrics).
 
   The state is donated. All randomness is per example: example i of global
@@ -126,6 +135,8 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
       under "aux_loss" (MoE) as "aux_loss". `frozen` is the step's third
       argument (e.g. a distillation teacher's params, see jdit.distill),
       passed per call so that it is not baked into the compiled step.
+    posthoc_gammas: exponents of the power EMAs in state.posthoc_ema
+      (jdit.posthoc_ema.sigma_rel_to_gamma).
   """
   base_key = jax.random.key(seed)
   drop_prob = model.class_dropout_prob
@@ -186,8 +197,12 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                        state.ema_params, params)
+    posthoc = tuple(
+        jax.tree.map(lambda e, p, b=posthoc_ema.ema_beta(state.step + 1, g):
+                     b * e + (1 - b) * p, profile, params)
+        for g, profile in zip(posthoc_gammas, state.posthoc_ema))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
     return TrainState(step=state.step + 1, params=params, ema_params=ema,
-                      opt_state=opt_state), metrics
+                      opt_state=opt_state, posthoc_ema=posthoc), metrics
 
   return jax.jit(step_fn, donate_argnums=0)
