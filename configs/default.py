@@ -10,7 +10,7 @@ Sized to reach recognisable digits in under 10 minutes on a 2-core CPU.
 """
 import ml_collections
 
-from jdit import diffusion
+from jdit import diffusion, repa
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.grad_accum = 1           # micro-batches per step (same result)
   c.ema_decay = 0.999
   c.ema_warmup = True              # decay min(0.999, (1+step)/(10+step))
+  # REPA (jdit/repa.py): align the tokens after block `depth` with DINOv2
+  # features of the clean image; off while weight = 0.
+  c.repa = repa.default_config()
+
   # Post-hoc EMA (EDM2): power-function EMAs of these relative widths, saved
   # every `every` steps under workdir/posthoc_ema/; any other width is made
   # after training by `python -m jdit.posthoc_ema`. 0 = off.

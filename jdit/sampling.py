@@ -44,6 +44,8 @@ def model_from_config(config: ml_collections.ConfigDict):
   for key in ("mixer_options", "mlp_options"):
     if key in overrides and not isinstance(overrides[key], dict):
       overrides[key] = dict(overrides[key])
+  from jdit import repa  # pylint: disable=g-import-not-at-top
+  overrides.update(repa.model_overrides(config))  # REPA's projector
   model = build_model(config.model.name, **overrides)
   objective = diffusion.create(objective_name, config.get("diffusion"),
                                learn_sigma=model.learn_sigma)

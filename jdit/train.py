@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from jdit import (checkpoint, data, diffusion, distill, evaluation,
-                  posthoc_ema, sampling, sharding)
+                  posthoc_ema, repa, sampling, sharding)
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -46,6 +46,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if posthoc_ema.gammas_from_config(config) and distill.enabled(config):
     raise ValueError("config.posthoc_ema and config.distill cannot be used "
                      "together; set config.posthoc_ema.every=0")
+  repa.validate(config)
+  if repa.enabled(config) and distill.enabled(config):
+    raise ValueError("config.repa and config.distill cannot be used "
+                     "together; set config.repa.weight=0")
 
 
 class MetricWriter:
@@ -145,6 +149,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   # config.eval fails here, before any training compute.
   evaluator = (evaluation.Evaluator(config, model, objective, mesh)
                if evaluation.enabled(config) else None)
+  # The encoder loads now: a bad path fails before any training compute.
+  encoder = repa.load_encoder(config, model) if repa.enabled(config) else None
   tx, schedule = ts.make_optimizer(config.optim, config.total_steps)
   distiller = (distill.Distiller(config, model, objective)
                if distill.enabled(config) else None)
@@ -158,17 +164,23 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   else:
     source = data.load_source(config.data.name, config.data.split,
                               config.data.data_dir)
+    # REPA on a latent model reads the images stored beside the latents.
+    images = encoder is not None and spec.shape[-1] not in (1, 3)
     pipeline = data.InputPipeline(
         source, spec, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        flip=config.data.flip)
-    train_step = ts.make_train_step(model, objective, tx,
-                                    ema_decay=config.ema_decay,
-                                    grad_accum=accum, seed=config.seed,
-                                    mesh=mesh, rules=rules,
-                                    ema_warmup=config.get("ema_warmup", False),
-                                    posthoc_gammas=posthoc_ema.gammas_from_config(
-                                        config))
+        flip=config.data.flip, images=images)
+    repa_kw = {} if encoder is None else dict(
+        apply_fn=repa.make_apply_fn(model, float(config.repa.weight)),
+        target_fn=repa.make_target_fn(encoder[0], model))
+    step_fn = ts.make_train_step(
+        model, objective, tx, ema_decay=config.ema_decay, grad_accum=accum,
+        seed=config.seed, mesh=mesh, rules=rules,
+        ema_warmup=config.get("ema_warmup", False),
+        posthoc_gammas=posthoc_ema.gammas_from_config(config), **repa_kw)
+    frozen = None if encoder is None else jax.device_put(
+        encoder[1], sharding.NamedSharding(mesh, sharding.P()))
+    train_step = lambda st, batch: step_fn(st, batch, frozen)
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

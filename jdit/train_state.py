@@ -120,7 +120,8 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
                     grad_accum: int, seed: int, mesh, rules, apply_fn=None,
-                    ema_warmup: bool = False, posthoc_gammas=()):
+                    ema_warmup: bool = False, posthoc_gammas=(),
+                    target_fn=None):
   """Returns a jitted (state, batch, frozen=None) -> (state, metrics).
 
   The state is donated. All randomness is per example: example i of global
@@ -130,11 +131,16 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
 
   Args:
     apply_fn: how the objective's network call is made, (params, frozen,
-      x_t, t, y, drop) -> (output, {name: scalar loss}); the named losses are
-      added to the loss and logged. Default: the model, with what it sows
-      under "aux_loss" (MoE) as "aux_loss". `frozen` is the step's third
-      argument (e.g. a distillation teacher's params, see jdit.distill),
-      passed per call so that it is not baked into the compiled step.
+      x_t, t, y, drop, targets) -> (output, {name: scalar loss}); the named
+      losses are added to the loss and logged. Default: the model, with what
+      it sows under "aux_loss" (MoE) as "aux_loss". `frozen` is the step's
+      third argument (a distillation teacher's params, see jdit.distill; a
+      REPA encoder's, see jdit.repa), passed per call so that it is not
+      baked into the compiled step.
+    target_fn: (frozen, x, images) -> per-example targets given to apply_fn
+      (REPA's encoder features), computed per (micro-)batch without
+      gradient; `images` is the batch's "image" entry or None. None: no
+      targets.
     posthoc_gammas: exponents of the power EMAs in state.posthoc_ema
       (jdit.posthoc_ema.sigma_rel_to_gamma).
   """
@@ -142,23 +148,25 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
   drop_prob = model.class_dropout_prob
 
   if apply_fn is None:
-    def apply_fn(params, frozen, x_t, t, y, drop):
-      del frozen
+    def apply_fn(params, frozen, x_t, t, y, drop, targets):
+      del frozen, targets
       out, state = model.apply({"params": params}, x_t, t, y, train=True,
                                force_drop_ids=drop, mutable=["aux_loss"])
       aux = jax.tree.leaves(state.get("aux_loss", {}))
       return out, ({"aux_loss": sum(jnp.sum(a) for a in aux)} if aux else {})
 
-  def loss_fn(params, frozen, x, y, keys):
+  def loss_fn(params, frozen, x, y, keys, images):
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     drop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     drop = label_drop_mask(drop_keys, drop_prob)
+    targets = (None if target_fn is None else
+               jax.lax.stop_gradient(target_fn(frozen, x, images)))
     extra = {}
 
     def model_fn(x_t, t, y_):
       # The objective may evaluate the model on a batch built from x (same
       # order); label dropout applies to the labels it passes through.
-      out, terms = apply_fn(params, frozen, x_t, t, y_, drop)
+      out, terms = apply_fn(params, frozen, x_t, t, y_, drop, targets)
       for k, v in terms.items():
         extra[k] = extra[k] + v if k in extra else v
       return out
@@ -175,21 +183,23 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
     step_key = jax.random.fold_in(base_key, state.step)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(b))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    inputs = (x, y, keys, batch.get("image"))
     if grad_accum == 1:
-      (loss, metrics), grads = grad_fn(state.params, frozen, x, y, keys)
+      (loss, metrics), grads = grad_fn(state.params, frozen, *inputs)
     else:
-      micro = lambda a: a.reshape((grad_accum, b // grad_accum) + a.shape[1:])
+      micro = lambda a: None if a is None else a.reshape(
+          (grad_accum, b // grad_accum) + a.shape[1:])
+      micro_inputs = tuple(micro(a) for a in inputs)
 
       def body(carry, mb):
         (l, m), g = grad_fn(state.params, frozen, *mb)
         return jax.tree.map(jnp.add, carry, (l, m, g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state.params, frozen, micro(x)[0], micro(y)[0],
-                          micro(keys)[0])))
+          lambda: grad_fn(state.params, frozen, *jax.tree.map(
+              lambda a: a[0], micro_inputs))))
       zeros = (zeros[0][0], zeros[0][1], zeros[1])
-      (loss, metrics, grads), _ = jax.lax.scan(
-          body, zeros, (micro(x), micro(y), micro(keys)))
+      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro_inputs)
       loss, metrics, grads = jax.tree.map(lambda a: a / grad_accum,
                                           (loss, metrics, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

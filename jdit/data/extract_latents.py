@@ -13,7 +13,8 @@ tars). Images get ADM's centre crop (jdit.data.imagenet); with --flip both
 (the default, as fast-DiT does) each image is stored twice, as example 2i and
 its horizontal mirror as example 2i + 1, so training needs no flips of its
 own.
-Each example holds the posterior's mean and std (jdit.data.latents), and
+Each example holds the posterior's mean and std (jdit.data.latents), with
+--store_images also its uint8 image (REPA's encoder input), and
 latent_stats.json beside the dataset records per-channel statistics.
 
 The encoder is jitted and each batch is sharded over this host's devices.
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workers", type=int, default=16, help="decode threads")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out")
+  p.add_argument("--store_images", action="store_true",
+                 help="also store each (cropped, flipped) uint8 image, for "
+                      "REPA's encoder (--image_size^2 x 3 bytes an example)")
   return p.parse_args(argv)
 
 
@@ -173,7 +177,10 @@ def extract(args: argparse.Namespace) -> dict:
       split=args.split, image_size=args.image_size, workers=args.workers)
   side = args.image_size // f
   shape = (side, side, module.latent_channels)
-  feats = latents.features(shape, source.classes, np.dtype(args.dtype))
+  image_shape = ((args.image_size, args.image_size, 3) if args.store_images
+                 else None)
+  feats = latents.features(shape, source.classes, np.dtype(args.dtype),
+                           image_shape=image_shape)
   copies = 2 if args.flip == "both" else 1
   encode, ndev = make_encoder(module, params)
   step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
@@ -187,15 +194,18 @@ def extract(args: argparse.Namespace) -> dict:
   pending = None
 
   def drain(result):
-    (mean, std), labels, n = result
+    (mean, std), labels, n, images = result
     mean = np.asarray(mean[:n], np.float32)  # blocks on the device
     std = np.asarray(std[:n], np.float32)
     sums[:] += [mean.sum((0, 1, 2)), np.square(mean).sum((0, 1, 2)),
                 np.square(std).sum((0, 1, 2))]
     m, s = mean.astype(args.dtype), std.astype(args.dtype)
     for i in range(n):
-      writer.write({"latent_mean": m[i], "latent_std": s[i],
-                    "label": int(labels[i // copies])})
+      example = {"latent_mean": m[i], "latent_std": s[i],
+                 "label": int(labels[i // copies])}
+      if images is not None:
+        example["image"] = images[i]
+      writer.write(example)
 
   import tqdm  # pylint: disable=g-import-not-at-top
   part = imagenet.host_slice(len(source), host, hosts)
@@ -208,9 +218,10 @@ def extract(args: argparse.Namespace) -> dict:
       rows = np.stack([images, imagenet.hflip(images)], 1).reshape(
           (-1,) + images.shape[1:])
     n = len(rows)
+    kept = rows if args.store_images else None
     rows = np.pad(imagenet.to_float(rows),
                   ((0, step - n), (0, 0), (0, 0), (0, 0)))
-    result = (encode(rows), labels, n)  # async: overlaps the drain below
+    result = (encode(rows), labels, n, kept)  # async: overlaps the drain
     if pending is not None:
       drain(pending)
     pending = result
@@ -268,6 +279,7 @@ def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
       "image_size": args.image_size, "latent_shape": list(shape),
       "num_examples": total, "num_images": len(source),
       "flip": args.flip, "num_classes": source.num_classes,
+      "images": bool(args.store_images),
       "vae": args.vae, "scale_factor": float(scale), "dtype": args.dtype,
       "latents_mean": _list_or_none(module.latents_mean),
       "latents_std": _list_or_none(module.latents_std),

@@ -7,6 +7,7 @@ of the VAE posterior, a diagonal Gaussian, per image:
   latent_mean (h, w, c)   the posterior mean (unscaled, as the VAE outputs)
   latent_std  (h, w, c)   its standard deviation, exp(logvar / 2)
   label                   class id
+  image       (H, W, 3)   the uint8 image, with --store_images (REPA)
 
 Training draws z = mean + std * eps afresh at every step (what DiT's online
 encoding did with `.sample()`, and what REPA / EDM2 do from stored moments)
@@ -46,13 +47,18 @@ STATS_FILE = "latent_stats.json"
 
 
 def features(latent_shape: tuple[int, int, int], class_names,
-             dtype=np.float16) -> tfds.features.FeaturesDict:
-  """The stored features (plain tensors: no TensorFlow to encode them)."""
-  return tfds.features.FeaturesDict({
+             dtype=np.float16, image_shape=None) -> tfds.features.FeaturesDict:
+  """The stored features (plain tensors: no TensorFlow to encode them);
+  with `image_shape`, also the uint8 image each latent encodes."""
+  spec = {
       "latent_mean": tfds.features.Tensor(shape=latent_shape, dtype=dtype),
       "latent_std": tfds.features.Tensor(shape=latent_shape, dtype=dtype),
       "label": tfds.features.ClassLabel(names=list(class_names)),
-  })
+  }
+  if image_shape is not None:
+    spec["image"] = tfds.features.Tensor(shape=tuple(image_shape),
+                                         dtype=np.uint8)
+  return tfds.features.FeaturesDict(spec)
 
 
 def sample(batch: dict, rngs, *, scale_factor: float, latents_mean=None,

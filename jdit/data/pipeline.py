@@ -92,7 +92,9 @@ class InputPipeline:
 
   def __init__(self, source, spec: DatasetSpec, *, global_batch_size: int,
                seed: int, process_index: int = 0, process_count: int = 1,
-               flip: bool = False):
+               flip: bool = False, images: bool = False):
+    """`images`: batches also carry the examples' stored uint8 "image"
+    (flipped with x), e.g. for REPA on latents."""
     if global_batch_size % process_count:
       raise ValueError(f"batch_size {global_batch_size} must be divisible by "
                        f"the number of hosts {process_count}")
@@ -106,6 +108,12 @@ class InputPipeline:
     self.seed = seed
     self.offset = process_index * self.local_batch_size
     self.flip = flip
+    self.images = images
+    if images and "image" not in source[0]:
+      raise ValueError(
+          f"the dataset stores no images beside its examples (it has "
+          f"{sorted(source[0])}); for latents, extract them with "
+          f"--store_images")
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._pending: dict[int, Any] = {}
 
@@ -133,12 +141,16 @@ class InputPipeline:
     if np.any((y < 0) | (y >= self.spec.num_classes)):
       raise ValueError(f"labels outside [0, {self.spec.num_classes}) in batch "
                        f"{step}")
+    out = {"x": x, "y": y}
+    if self.images:
+      out["image"] = batch["image"]
     if self.flip:
       rng = np.random.default_rng([self.seed, 1, step])
       mask = rng.random(self.global_batch_size)[
           self.offset:self.offset + self.local_batch_size] < 0.5
-      x = np.where(mask[:, None, None, None], x[:, :, ::-1], x)
-    return {"x": x, "y": y}
+      out = {k: np.where(mask[:, None, None, None], v[:, :, ::-1], v)
+             if k != "y" else v for k, v in out.items()}
+    return out
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """Returns batch `step` and starts loading batch `step + 1`."""

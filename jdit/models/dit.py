@@ -169,6 +169,22 @@ class ImageBackbone:
       raise ValueError(f"x must have shape (B, {h}, {w}, {c}), got {x.shape}")
 
 
+class RepaProjector(nn.Module):
+  """REPA's projector: Dense-SiLU-Dense-SiLU-Dense from the DiT width to the
+  target encoder's, applied per token (Yu et al. 2024, `build_mlp`)."""
+  hidden: int
+  out: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)  # a small head; its loss is a cosine
+    for i, width in enumerate((self.hidden, self.hidden)):
+      x = nn.silu(nn.Dense(width, param_dtype=self.param_dtype,
+                           name=f"fc{i + 1}")(x))
+    return nn.Dense(self.out, param_dtype=self.param_dtype, name="fc3")(x)
+
+
 def embed_condition(model, width, t, y, train, force_drop_ids):
   """Timestep + label embedding, (B, width); call from a compact __call__."""
   kw = dict(dtype=model.dtype, param_dtype=model.param_dtype)
@@ -206,6 +222,10 @@ class DiT(ImageBackbone, nn.Module):
   mlp: str = "dense"  # a registered feed-forward (jdit/models/feedforward.py)
   mlp_options: Any = None
   norm: str = "layer"  # "layer" (DiT) or "rms" (LightningDiT), see block_norm
+  # REPA (jdit/repa.py): {"depth": k, "dim": encoder width, "projector_dim":
+  # h}; in training the tokens after block k are projected and sown as
+  # intermediates "repa". None: no projector.
+  repa: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
@@ -235,6 +255,12 @@ class DiT(ImageBackbone, nn.Module):
     except TypeError as e:
       raise ValueError(f"bad mlp_options {dict(self.mlp_options or {})} for "
                        f"mlp {self.mlp!r}: {e}") from e
+    if self.repa is not None:
+      r = dict(self.repa)
+      if set(r) != {"depth", "dim", "projector_dim"} or not (
+          1 <= r["depth"] <= self.depth):
+        raise ValueError(f"repa must be {{'depth': 1..{self.depth}, 'dim', "
+                         f"'projector_dim'}} or None, got {self.repa!r}")
     self.check_common()
 
   def feedforward(self) -> nn.Module:
@@ -267,6 +293,11 @@ class DiT(ImageBackbone, nn.Module):
       x = block(self.num_heads, self.mlp_ratio, mixer, options, self.mlp,
                 self.mlp_options, self.norm, name=f"blocks_{i}", **kw)(
                     x, c, (gh, gw), not train, t)
+      if self.repa and i + 1 == self.repa["depth"] and (
+          train or self.is_initializing()):  # sampling skips the head
+        self.sow("intermediates", "repa", RepaProjector(
+            self.repa["projector_dim"], self.repa["dim"],
+            param_dtype=self.param_dtype, name="repa_projector")(x))
     x = FinalLayer(p, self.out_channels, self.norm, name="final_layer",
                    **kw)(x, c)
     # Unpatchify: (B, L, p*p*C) -> (B, H, W, C); pixel order (p, q, c).

@@ -134,7 +134,8 @@ def extracted(folder, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("latents") / "tiny")
   args = ["--source", "folder", "--folder", folder, "--image_size",
           str(SIZE), "--vae", vae_dir, "--out", out, "--batch_size", "8",
-          "--dtype", "float32", "--examples_per_shard", "10"]
+          "--dtype", "float32", "--examples_per_shard", "10",
+          "--store_images"]
   extract_latents.main(args)
   return out, module, params, args
 
@@ -159,6 +160,7 @@ def test_extract_latents_stores_both_orientations(extracted, folder):
       np.testing.assert_allclose(ex["latent_mean"], mean[row], atol=1e-5)
       np.testing.assert_allclose(ex["latent_std"], std[row], rtol=1e-5)
       assert ex["label"] == f.labels[k]
+      np.testing.assert_array_equal(ex["image"], rows[row])  # --store_images
   assert not np.allclose(source[0]["latent_mean"], source[1]["latent_mean"])
   with open(os.path.join(out, latents.STATS_FILE)) as fh:
     stats = json.load(fh)
@@ -215,6 +217,20 @@ def test_latent_batches_sample_the_moments_deterministically(tiny_latents):
   eps = (a["x"] / vae.SD_VAE_SCALE_FACTOR - mean) / std
   assert a["x"].shape == (8, 4, 4, 4) and a["x"].dtype == np.float32
   assert abs(eps.mean()) < 0.2 and 0.8 < eps.std() < 1.2
+
+
+def test_pipeline_passes_stored_images(tiny_latents):
+  # REPA on latents: batches carry the stored image of every latent.
+  out, spec = tiny_latents
+  source = data.load_source("tiny_latents", "train", out)
+  pipe = data.InputPipeline(source, spec, global_batch_size=8, seed=0,
+                            images=True)
+  batch = pipe.batch(1)
+  assert batch["image"].shape == (8, SIZE, SIZE, 3)
+  for i, image in zip(pipe.indices(1), batch["image"]):
+    np.testing.assert_array_equal(image, source[int(i)]["image"])
+  assert "image" not in data.InputPipeline(source, spec, global_batch_size=8,
+                                           seed=0).batch(1)
 
 
 def test_latents_dataset_describes_itself(tiny_latents):
