@@ -152,6 +152,7 @@ def resolve_dit_overrides(state_dict: Mapping[str, Any], name: str,
 # LightningDiT stores its 2D RoPE tables (EVA-02's VisionRotaryEmbeddingFast)
 # as buffers; we compute them, so they are compared, not converted.
 ROPE_BUFFERS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
+REPA_PROJECTOR_PREFIX = "projectors."  # REPA's MLPs, used only in training
 
 
 def _uses_rope(model: DiT) -> bool:
@@ -216,7 +217,9 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
   layout = _dit_torch_layout(model)
   check_keys(sd, {k: v[0] for k, v in layout.items()},
              f"{name} with {dict(overrides)}",
-             ignore=lambda k: k in ROPE_BUFFERS and _uses_rope(model))
+             ignore=lambda k: (k in ROPE_BUFFERS and _uses_rope(model))
+             # REPA checkpoints (SiT + REPA): the training-only projector.
+             or k.startswith(REPA_PROJECTOR_PREFIX))
   _check_rope_buffers(sd, model, name)
 
   d, heads = model.hidden_size, model.num_heads

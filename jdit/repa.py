@@ -75,12 +75,12 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
 
 def load_encoder(config: ml_collections.ConfigDict, model):
   """(encoder, params) of config.repa.encoder, checked against the model."""
-  from jdit import dinov2  # pylint: disable=g-import-not-at-top
+  from jdit import convert_dinov2  # pylint: disable=g-import-not-at-top
   if getattr(model, "repa", None) is None:
     raise ValueError(f"config.repa needs a DiT-family model (with blocks to "
                      f"project from); {type(model).__name__} has none")
   try:
-    encoder, params = dinov2.load_dinov2(config.repa.encoder)
+    encoder, params = convert_dinov2.load_dinov2(config.repa.encoder)
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(f"config.repa.encoder={config.repa.encoder!r} is not "
                      f"DINOv2 weights: {e}") from e

@@ -211,6 +211,10 @@ def test_train_checkpoint_uses_ema_and_numpy_values(torch_model):
   ema = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   junk = {k: np.zeros_like(v) for k, v in ema.items()}
   _compare(torch_model, {"model": junk, "ema": ema, "opt": {}, "args": None})
+  # A REPA checkpoint (SiT + REPA) adds its training-only projector.
+  repa = {"projectors.0.0.weight": np.ones((8, 4)),
+          "projectors.0.4.bias": np.ones(3)}
+  _compare(torch_model, {"ema": {**ema, **repa}})
 
 
 def test_patch4_and_bf16_values():

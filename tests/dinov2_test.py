@@ -15,7 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jdit import convert, dinov2
+from jdit import convert, convert_dinov2, dinov2
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -157,7 +157,7 @@ def apply_fn():
 
 
 def _compare(tmodel, apply_fn, shape, seed=1):
-  model, params = dinov2.params_from_torch(_state_dict(tmodel))
+  model, params = convert_dinov2.params_from_torch(_state_dict(tmodel))
   x = np.random.default_rng(seed).standard_normal((2,) + shape + (3,))
   x = x.astype(np.float32)
   with torch.no_grad():
@@ -177,7 +177,7 @@ def _compare(tmodel, apply_fn, shape, seed=1):
                          ids=["stored", "smaller", "nonsquare"])
 def test_matches_torch(registers, shape, apply_fn):
   tmodel = _torch_model(registers)
-  model, _ = dinov2.params_from_torch(_state_dict(tmodel))
+  model, _ = convert_dinov2.params_from_torch(_state_dict(tmodel))
   assert (model.hidden_size, model.depth, model.num_heads) == (D, DEPTH,
                                                                HEADS)
   assert (model.num_register_tokens, model.pos_grid, model.patch_size,
@@ -187,7 +187,7 @@ def test_matches_torch(registers, shape, apply_fn):
 
 def test_swiglu_matches_torch(apply_fn):
   tmodel = _torch_model(swiglu=True)
-  model, params = dinov2.params_from_torch(_state_dict(tmodel))
+  model, params = convert_dinov2.params_from_torch(_state_dict(tmodel))
   assert model.ffn == "swiglu"
   assert params["blocks_0"]["mlp"]["w3"]["kernel"].shape == (344, D)
   _compare(tmodel, apply_fn, (56, 84))
@@ -196,7 +196,7 @@ def test_swiglu_matches_torch(apply_fn):
 def test_chunked_blocks_and_backbone_prefix():
   """BlockChunk keys and "backbone." keys convert like the plain ones."""
   sd = _state_dict(_torch_model(registers=4))
-  _, want = dinov2.params_from_torch(sd)
+  _, want = convert_dinov2.params_from_torch(sd)
   # block_chunks = depth: block i is blocks.i.i (chunk i, global index i).
   chunked = {re.sub(r"^blocks\.(\d+)\.", r"blocks.\1.\1.", k): v
              for k, v in sd.items()}
@@ -204,7 +204,7 @@ def test_chunked_blocks_and_backbone_prefix():
   prefixed = {"teacher": {f"backbone.{k}": v for k, v in sd.items()}}
   prefixed["teacher"]["dino_head.last_layer.weight"] = torch.zeros(3)
   for variant in (chunked, prefixed):
-    _, got = dinov2.params_from_torch(variant)
+    _, got = convert_dinov2.params_from_torch(variant)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -212,7 +212,7 @@ def test_load_dinov2(tmp_path, apply_fn):
   tmodel = _torch_model(registers=4)
   path = str(tmp_path / "dinov2_tiny_pretrain.pth")
   torch.save(tmodel.state_dict(), path)
-  model, params = dinov2.load_dinov2(path, dtype=jnp.bfloat16)
+  model, params = convert_dinov2.load_dinov2(path, dtype=jnp.bfloat16)
   assert model.dtype == jnp.bfloat16
   assert params["pos_embed"].dtype == np.float32
   x = jnp.zeros((1, 42, 42, 3))
@@ -294,19 +294,19 @@ def test_bad_state_dicts():
   del missing["blocks.1.attn.proj.bias"]
   with pytest.raises(convert.CheckpointMismatchError,
                      match=r"missing keys \(1\): blocks\.1\.attn\.proj\.bias"):
-    dinov2.params_from_torch(missing)
+    convert_dinov2.params_from_torch(missing)
   misshaped = dict(sd, **{"blocks.0.mlp.fc2.weight": torch.zeros(D, 8)})
   with pytest.raises(convert.CheckpointMismatchError,
                      match=r"blocks\.0\.mlp\.fc2\.weight: checkpoint "
                            r"\(128, 8\), expected \(128, 512\)"):
-    dinov2.params_from_torch(misshaped)
+    convert_dinov2.params_from_torch(misshaped)
   extra = dict(sd, **{"blocks.0.attn.extra": torch.zeros(2)})
   with pytest.raises(convert.CheckpointMismatchError,
                      match=r"unexpected keys \(1\): blocks\.0\.attn\.extra"):
-    dinov2.params_from_torch(extra)
+    convert_dinov2.params_from_torch(extra)
   no_cls = {k: v for k, v in sd.items() if k != "cls_token"}
   with pytest.raises(ValueError, match="cls_token"):
-    dinov2.params_from_torch(no_cls)
+    convert_dinov2.params_from_torch(no_cls)
   bad_pos = dict(sd, pos_embed=torch.zeros(1, 1 + 24, D))
   with pytest.raises(ValueError, match="pos_embed"):
-    dinov2.params_from_torch(bad_pos)  # 24 patches: not a square grid
+    convert_dinov2.params_from_torch(bad_pos)  # 24 patches: not a square grid
