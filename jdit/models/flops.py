@@ -174,7 +174,8 @@ def _table_rows(args):
       xla = (xla_flops(name, size) if args.xla and (
           not args.xla_max_tokens or tokens <= args.xla_max_tokens) else None)
       paper = paper_gmacs(name, size)
-      yield dict(model=name, px=8 * size, tokens=tokens, ours=ours / 1e9,
+      yield dict(model=name, px=args.vae_factor * size, tokens=tokens,
+                 ours=ours / 1e9,
                  xla=None if xla is None else xla / 1e9,
                  paper=None if paper is None else 2 * paper,
                  ratio=base / ours)
@@ -187,6 +188,9 @@ def main(argv=None):
   parser.add_argument("--input_sizes", "--input_size", default="32",
                       help="comma-separated latent sides (32 = 256px "
                            "through the SD-VAE)")
+  parser.add_argument("--vae_factor", type=int, default=8,
+                      help="VAE downsampling, for the px column: 8 (SD-VAE), "
+                           "16 (VA-VAE, LightningDiT), 1 (pixel models)")
   parser.add_argument("--xla", action="store_true",
                       help="also compile each model and read XLA's count")
   parser.add_argument("--xla_max_tokens", type=int, default=0,
