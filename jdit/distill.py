@@ -172,7 +172,7 @@ def make_apply_fn(student, teacher, mask, w_out: float, w_attn: float):
   """The train step's network call with the distillation terms."""
   capture = _is_mixer if w_attn else False
 
-  def apply_fn(params, teacher_params, x_t, t, y, drop, targets):
+  def apply_fn(params, teacher_params, x_t, t, y, drop, targets=None):
     del targets
     # Frozen params get no gradient, so XLA drops their weight-grad matmuls.
     params = jax.tree.map(
