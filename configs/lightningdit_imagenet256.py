@@ -70,15 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vae = ml_collections.ConfigDict()
   c.vae.path = ""                    # the converted VA-VAE, for decoding
 
+  # From the DiT recipe: b1 0.9, no weight decay, clipping or warmup, a
+  # constant schedule, EMA 0.9999 without warmup, as LightningDiT.
   c.optim.lr = 2e-4
-  c.optim.b1 = 0.9
   c.optim.b2 = 0.95
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 0.0
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.ema_decay = 0.9999
-  c.ema_warmup = False
 
   c.sample.sampler = ""              # the flow's: euler, 250 steps
   c.sample.steps = 0

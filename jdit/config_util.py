@@ -54,11 +54,11 @@ def split_arg(arg: str | None, config_file: str, keys: dict[str, str],
   given, values = [], dict(keys)
   for part in (p.strip() for p in (arg or "").split(",") if p.strip()):
     key, eq, value = part.partition("=")
-    if (key in keys and value) if eq else part in words:
-      if eq:
-        values[key] = value
-      else:
-        given.append(part)
+    if eq and key in keys and value:
+      values[key] = value
+      continue
+    if not eq and part in words:
+      given.append(part)
       continue
     allowed = [*words, *(f"{k}=..." for k in keys)]
     raise ValueError(

@@ -195,10 +195,7 @@ def make_apply_fn(student, teacher, mask, w_out: float, w_attn: float):
           jnp.mean((s_attn[k].astype(jnp.float32)
                     - t_attn[k].astype(jnp.float32)) ** 2)
           for k in s_attn) / len(s_attn)
-    aux = jax.tree.leaves(state.get("aux_loss", {}))
-    if aux:
-      terms["aux_loss"] = sum(jnp.sum(a) for a in aux)
-    return out, terms
+    return out, {**terms, **ts.aux_loss_terms(state)}
 
   return apply_fn
 

@@ -155,15 +155,14 @@ def reconstruct(workdir: str, sigma_rel: float, step: int | None = None):
           for k, r in enumerate(metas[s]["sigma_rels"])]
   coef = solve_coefficients([s for s, _, _ in rows], [g for *_, g in rows],
                             step, sigma_rel_to_gamma(sigma_rel))
+  weight = {(s, k): x for (s, k, _), x in zip(rows, coef)}
   total = None
   for s in used:
     profiles = mngr.restore(s, args=ocp.args.Composite(
         profiles=ocp.args.StandardRestore()))["profiles"]
-    for (row_step, k, _), x in zip(rows, coef):
-      if row_step != s:
-        continue
-      part = jax.tree.map(lambda a, x=x: np.asarray(a, np.float64) * x,
-                          profiles[k])
+    for k, profile in enumerate(profiles):
+      part = jax.tree.map(
+          lambda a, x=weight[s, k]: np.asarray(a, np.float64) * x, profile)
       total = part if total is None else jax.tree.map(np.add, total, part)
   params = jax.tree.map(lambda a: a.astype(np.float32), total)
   config = ml_collections.ConfigDict(metas[step]["config"])

@@ -21,9 +21,11 @@ images stored beside the latents (`python -m jdit.data.extract_latents
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jdit import train_state
+from jdit.diffusion.flow import cosine_similarity
 
 KEYS = ("weight", "encoder", "dim", "depth", "projector_dim")
 TOKEN_PATCH = 14  # DINOv2's patch size
@@ -73,6 +75,12 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
                    "projector_dim": int(r.projector_dim)}}
 
 
+def needs_stored_images(channels: int) -> bool:
+  """Whether a model of `channels` input channels (a latent model) needs the
+  images stored with its data; a pixel model's input is the image."""
+  return channels not in (1, 3)
+
+
 def load_encoder(config: ml_collections.ConfigDict, model):
   """(encoder, params) of config.repa.encoder, checked against the model."""
   from jdit import convert_dinov2  # pylint: disable=g-import-not-at-top
@@ -104,7 +112,7 @@ def make_target_fn(encoder, model):
 
   def target_fn(params, x, images):
     if images is None:
-      if x.shape[-1] not in (1, 3):
+      if needs_stored_images(x.shape[-1]):
         raise ValueError(
             f"REPA on a latent model ({x.shape[-1]} channels) needs the "
             f"images: extract the latents with --store_images")
@@ -120,11 +128,8 @@ def make_target_fn(encoder, model):
 
 def cosine_distance(z, target):
   """mean over tokens and batch of 1 - cos(z, target), in float32."""
-  z = z.astype(jnp.float32)
-  target = target.astype(jnp.float32)
-  norm = lambda a: a * jax.lax.rsqrt(
-      jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), 1e-12))
-  return jnp.mean(1.0 - jnp.sum(norm(z) * norm(target), axis=-1))
+  return jnp.mean(1.0 - cosine_similarity(z.astype(jnp.float32),
+                                          target.astype(jnp.float32)))
 
 
 def make_apply_fn(model, weight: float):
@@ -136,10 +141,7 @@ def make_apply_fn(model, weight: float):
                              force_drop_ids=drop,
                              mutable=["aux_loss", "intermediates"])
     (z,) = state["intermediates"]["repa"]
-    terms = {"repa_loss": weight * cosine_distance(z, targets)}
-    aux = jax.tree.leaves(state.get("aux_loss", {}))
-    if aux:
-      terms["aux_loss"] = sum(jnp.sum(a) for a in aux)
-    return out, terms
+    return out, {"repa_loss": weight * cosine_distance(z, targets),
+                 **train_state.aux_loss_terms(state)}
 
   return apply_fn

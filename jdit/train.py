@@ -86,9 +86,8 @@ class MetricWriter:
       self.tb.close()
 
 
-def _restore_or_init(mngr, model, tx, mesh, rules, config):
+def _restore_or_init(mngr, model, tx, mesh, rules, config, num_posthoc):
   step = mngr.latest_step()
-  num_posthoc = len(posthoc_ema.gammas_from_config(config))
   if step is None:
     state = ts.create_state(model, tx, mesh, rules, config.seed, num_posthoc)
     if distill.init_path(config):  # a fine-tune starts from those weights
@@ -158,14 +157,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     tx = distiller.optimizer(tx)
   mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
                             keep=config.get("keep_checkpoints", 3))
-  state, start = _restore_or_init(mngr, model, tx, mesh, rules, config)
+  gammas = posthoc_ema.gammas_from_config(config)
+  state, start = _restore_or_init(mngr, model, tx, mesh, rules, config,
+                                  len(gammas))
   if distiller:  # teacher-generated samples and the distillation loss
     pipeline, train_step = distiller.prepare(state, tx, mesh, rules, workdir)
   else:
     source = data.load_source(config.data.name, config.data.split,
                               config.data.data_dir)
     # REPA on a latent model reads the images stored beside the latents.
-    images = encoder is not None and spec.shape[-1] not in (1, 3)
+    images = encoder is not None and repa.needs_stored_images(spec.shape[-1])
     pipeline = data.InputPipeline(
         source, spec, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -177,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         model, objective, tx, ema_decay=config.ema_decay, grad_accum=accum,
         seed=config.seed, mesh=mesh, rules=rules,
         ema_warmup=config.get("ema_warmup", False),
-        posthoc_gammas=posthoc_ema.gammas_from_config(config), **repa_kw)
+        posthoc_gammas=gammas, **repa_kw)
     frozen = None if encoder is None else jax.device_put(
         encoder[1], sharding.NamedSharding(mesh, sharding.P()))
     train_step = lambda st, batch: step_fn(st, batch, frozen)

@@ -118,6 +118,13 @@ def ema_decay_at(step, decay: float, warmup: bool):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def aux_loss_terms(state) -> dict:
+  """{"aux_loss": sum} of what a model sowed under "aux_loss" (MoE balance
+  and z losses, already weighted); {} when it sowed nothing."""
+  aux = jax.tree.leaves(state.get("aux_loss", {}))
+  return {"aux_loss": sum(jnp.sum(a) for a in aux)} if aux else {}
+
+
 def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
                     grad_accum: int, seed: int, mesh, rules, apply_fn=None,
                     ema_warmup: bool = False, posthoc_gammas=(),
@@ -152,8 +159,7 @@ def make_train_step(model: nn.Module, objective, tx, *, ema_decay: float,
       del frozen, targets
       out, state = model.apply({"params": params}, x_t, t, y, train=True,
                                force_drop_ids=drop, mutable=["aux_loss"])
-      aux = jax.tree.leaves(state.get("aux_loss", {}))
-      return out, ({"aux_loss": sum(jnp.sum(a) for a in aux)} if aux else {})
+      return out, aux_loss_terms(state)
 
   def loss_fn(params, frozen, x, y, keys, images):
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
