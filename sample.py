@@ -5,6 +5,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
         [--sampler ddpm|ddim|dpm++|euler|heun|sde] [--steps S]
         [--cfg_scale 1.5] [--cfg_channels 3] [--cfg_interval lo,hi]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
+        [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
 
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
 (also those written by `python -m jdit.convert`). Sampling is split over all
@@ -16,7 +17,8 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from jdit import checkpoint, diffusion, evaluation, sampling, sharding
+from jdit import (checkpoint, diffusion, evaluation, feature_cache,
+                  sampling, sharding)
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint dir.",
                             required=True)
@@ -43,6 +45,16 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed; sample i uses (seed, i).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per jitted chunk; "
                               "0 = 64 rounded up to the device count.")
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
+_CACHE_INTERVAL = flags.DEFINE_integer(
+    "cache_interval", 1, "Feature caching (FORA): recompute the residual "
+    "blocks every N network evaluations and reuse their cached updates in "
+    "between; 1 = off.")
+_CACHE_WARMUP = flags.DEFINE_integer(
+    "cache_warmup", 0, "Feature caching: evaluations computed in full "
+    "before reuse starts.")
+_CACHE_BLOCKS = flags.DEFINE_string(
+    "cache_blocks", "", "Feature caching: 'first,stop', the blocks that may "
+    "reuse updates; '' = all.")
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -54,6 +66,23 @@ def parse_interval(text: str) -> tuple[float, float]:
   return lo, hi
 
 
+def parse_cache() -> feature_cache.FeatureCache | None:
+  blocks = None
+  if _CACHE_BLOCKS.value:
+    try:
+      blocks = tuple(int(v) for v in _CACHE_BLOCKS.value.split(","))
+    except ValueError as e:
+      raise app.UsageError(f"--cache_blocks must be 'first,stop', got "
+                           f"{_CACHE_BLOCKS.value!r}") from e
+  try:
+    cache = feature_cache.FeatureCache(_CACHE_INTERVAL.value,
+                                       warmup=_CACHE_WARMUP.value,
+                                       blocks=blocks)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  return cache if cache.active else None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -62,6 +91,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed()
   params, config = checkpoint.load_for_sampling(_CKPT.value)
+  cache = parse_cache()
   if _SHIFT.value:
     if config.objective != "flow":
       raise app.UsageError(f"--shift applies to flow checkpoints; this one's "
@@ -84,7 +114,7 @@ def main(argv):
   sampler = sampling.Sampler(model, objective, params, mesh=mesh,
                              sampler=_SAMPLER.value or None,
                              steps=_STEPS.value or None, guidance=guidance,
-                             decode=decode)
+                             decode=decode, cache=cache)
   par = sharding.batch_parallelism(mesh)
   chunk = _BATCH.value or -(-min(64, n) // par) * par
   logging.info("sampling %d images with %s, %d steps", n, sampler.sampler,

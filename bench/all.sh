@@ -3,7 +3,8 @@
 # in order of priority:
 #
 #   bash bench/all.sh train     DiT-XL/2 training MFU at 256 (profiled) and
-#                               512, and DiT-XL/2 sampling throughput
+#                               512, and DiT-XL/2 sampling throughput with
+#                               and without feature caching
 #   bash bench/all.sh kernels   local attention vs dense (cuDNN) and masked;
 #                               selective scan (splits 1 vs auto); linear
 #                               attention
@@ -53,8 +54,8 @@ case $part in
     run xl2_512 170 python3 bench/train_step.py --model DiT-XL/2 \
       --image_size 512 --batch_size 64 --dtype bfloat16 --remat full \
       --matmul_size 0
-    run xl2_sample_256 120 python3 bench/sampling.py --model DiT-XL/2 \
-      --image_size 256 --batch_size 64 --steps 50
+    run xl2_sample_256 150 python3 bench/sampling.py --model DiT-XL/2 \
+      --image_size 256 --batch_size 64 --steps 50 --cache_interval 3
     ;;
   lamamba)
     for res in 256 512; do

@@ -6,10 +6,13 @@ batch) on every device present, in latent space (the VAE decode is left out,
 it is the same for every backbone). Params are the model's initialisation
 plus small noise, so no layer multiplies by exact zeros. Prints one JSON
 line: images/s, ms per denoising step, model forwards per second, and
-forward FLOPs x forwards/s (achieved TFLOP/s per device).
+forward FLOPs x forwards/s (achieved TFLOP/s per device). With
+--cache_interval N it also times feature-cached sampling (jdit.feature_cache)
+and prints its images/s and the speed-up over the uncached run.
 
 GPU/TPU: python bench/sampling.py --model DiT-XL/2 --image_size 256 \\
              --batch_size 64 --sampler ddim --steps 50 --cfg_scale 1.5
+         python bench/sampling.py --model DiT-XL/2 --steps 50 --cache_interval 3
 CPU:     python bench/sampling.py --smoke
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import diffusion, sampling, sharding
+from jdit import diffusion, feature_cache, sampling, sharding
 from jdit.models import build_model, flops
 from jdit.models.registry import smoke_overrides
 
@@ -38,6 +41,19 @@ def _perturbed_init(model, seed: int = 0):
   return jax.tree.unflatten(tree, [
       p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
       for p, k in zip(leaves, keys)])
+
+
+def _time(sampler, labels, repeats) -> tuple[float, float]:
+  """(compile + first run seconds, best of `repeats` timed runs)."""
+  t0 = time.perf_counter()
+  sampler(jax.random.key(0), labels)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t = time.perf_counter()
+    sampler(jax.random.key(i + 1), labels)  # returns host arrays: synced
+    times.append(time.perf_counter() - t)
+  return compile_s, min(times)
 
 
 def bench(args) -> dict:
@@ -56,19 +72,25 @@ def bench(args) -> dict:
   params = _perturbed_init(model)
   guidance = diffusion.Guidance(scale=args.cfg_scale,
                                 null_label=model.num_classes)
-  sampler = sampling.Sampler(model, objective, params, mesh=mesh,
-                             sampler=args.sampler or None,
-                             steps=args.steps or None, guidance=guidance)
+  kw = dict(mesh=mesh, sampler=args.sampler or None,
+            steps=args.steps or None, guidance=guidance)
+  sampler = sampling.Sampler(model, objective, params, **kw)
   labels = np.arange(args.batch_size) % model.num_classes
-  t0 = time.perf_counter()
-  sampler(jax.random.key(0), labels)  # compile + first run
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(args.repeats):
-    t = time.perf_counter()
-    sampler(jax.random.key(i + 1), labels)  # returns host arrays: synced
-    times.append(time.perf_counter() - t)
-  best = min(times)
+  compile_s, best = _time(sampler, labels, args.repeats)
+  cache_row = {}
+  if args.cache_interval > 1:
+    # The cached sampler timed in the same process as the baseline above.
+    cache = feature_cache.FeatureCache(args.cache_interval,
+                                       warmup=args.cache_warmup)
+    cached = sampling.Sampler(model, objective, params, cache=cache, **kw)
+    _, cached_best = _time(cached, labels, args.repeats)
+    evaluations = sampler.steps * (2 if sampler.sampler == "heun" else 1)
+    cache_row = {
+        "cache_interval": args.cache_interval,
+        "cache_warmup": args.cache_warmup,
+        "blocks_computed": sig(cache.computed_fraction(evaluations, 1)),
+        "cached_images_per_sec": sig(args.batch_size / cached_best),
+        "cache_speedup": sig(best / cached_best)}
   cfg = args.cfg_scale != 1.0
   forwards = sampler.steps * args.batch_size * (2 if cfg else 1)
   gflops = flops(args.model, input_size, **overrides) / 1e9 if (
@@ -86,7 +108,7 @@ def bench(args) -> dict:
                            if gflops else None,
       "compile_s": round(compile_s, 1), "devices": jax.device_count(),
       "platform": dev.platform, "device": dev.device_kind,
-      "jax": jax.__version__, "smoke": bool(args.smoke)}
+      "jax": jax.__version__, "smoke": bool(args.smoke), **cache_row}
 
 
 def main():
@@ -101,6 +123,11 @@ def main():
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--cfg_scale", type=float, default=1.5)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--cache_interval", type=int, default=1,
+                 help="> 1: also time feature-cached sampling (FORA: every "
+                 "block recomputed every N evaluations) against the baseline")
+  p.add_argument("--cache_warmup", type=int, default=0,
+                 help="evaluations computed in full before caching starts")
   p.add_argument("--smoke", action="store_true",
                  help="tiny model, 64px, one image per device, 2 steps")
   args = p.parse_args()

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jdit import diffusion, sharding
+from jdit import diffusion, feature_cache, sharding
 from jdit.models import build_model
 
 MODEL_KEYS_NOT_OVERRIDES = ("name",)
@@ -82,7 +82,8 @@ class Sampler:
 
   def __init__(self, model, objective, params, *, mesh, sampler=None,
                steps=None, guidance: diffusion.Guidance | None = None,
-               decode=None, **options):
+               decode=None, cache: feature_cache.FeatureCache | None = None,
+               **options):
     self.model = model
     self.objective = objective
     self.params = params
@@ -98,6 +99,9 @@ class Sampler:
 
       def model_fn(x, t, yy):
         return model.apply({"params": params}, x, t, yy)
+
+      if cache is not None and cache.active:
+        model_fn = feature_cache.CachedNetwork(model, params, cache)
 
       x = objective.sample(model_fn, noise, jax.random.fold_in(key, 1), y=y,
                            sampler=sampler, steps=steps, guidance=guidance,

@@ -47,7 +47,7 @@ def test_train_step_bench_smoke(model, tmp_path):
 def test_sampling_bench_smoke():
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "bench", "sampling.py"),
-       "--smoke"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+       "--smoke", "--cache_interval", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(l) for l in proc.stdout.splitlines()
@@ -58,6 +58,9 @@ def test_sampling_bench_smoke():
   # CFG doubles the model batch: 2 forwards per image per step.
   assert row["forwards_per_sec"] == pytest.approx(
       row["images_per_sec"] * 2 * row["steps"], rel=1e-3)
+  # The cached run is timed beside it: 2 steps, one of them reusing blocks.
+  assert row["cache_interval"] == 2 and row["blocks_computed"] == 0.5
+  assert row["cached_images_per_sec"] > 0 and row["cache_speedup"] > 0
 
 
 def test_every_model_has_smoke_overrides_that_build():
@@ -139,7 +142,8 @@ def test_sampling_bench_full_size_path_counts_flops():
         model="test-sampling-tiny", image_size=64,
         batch_size=jax.device_count(),
         dtype="float32", objective="ddpm", sampler="ddim", steps=1,
-        cfg_scale=1.5, repeats=1, smoke=False))
+        cfg_scale=1.5, repeats=1, smoke=False, cache_interval=1,
+        cache_warmup=0))
   finally:
     sys.path.pop(0)
     del models.MODELS["test-sampling-tiny"]

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.diffusion import gaussian
-from jdit.diffusion import guidance as guidance_lib
 from jdit.diffusion import objective
 from jdit.diffusion import respace
 
@@ -111,11 +110,9 @@ class DDPM(objective.Objective):
     diffusion.clip_denoised = bool(clip_denoised)
     return diffusion, tmap
 
-  def _sample(self, model_fn, noise, key, y, sampler, steps, guidance,
-              options):
-    fn = guidance_lib.guided_model(model_fn, guidance, y, noise.shape[-1])
+  def _sample(self, fn, state, noise, key, sampler, steps, options):
     if sampler == "dpm++":
-      return self._dpm_solver(fn, noise, steps, **options)
+      return self._dpm_solver(fn, state, noise, steps, **options)
     diffusion, tmap = self.respaced(steps, options["spacing"],
                                     options["clip_denoised"])
     n = len(tmap)
@@ -138,24 +135,26 @@ class DDPM(objective.Objective):
     else:
       consts = (jnp.zeros(n),) * 3
 
-    def body(x, xs):
+    def body(carry, xs):
+      x, state = carry
       i, t_model, k, (c_x0, c_eps, c_noise) = xs
       t = jnp.full((b,), i, jnp.int32)
       tm = jnp.full((b,), t_model)
-      out = fn(x, tm, self.normalized_time(tm))
+      out, state = fn(x, tm, self.normalized_time(tm), state)
       p = diffusion.p_mean_variance(out, x, t)
       if stochastic:  # No noise at the last step (i = 0), as in ADM.
         z = jax.random.normal(k, x.shape, jnp.float32)
         z = z * (i > 0).astype(jnp.float32)
       if sampler == "ddpm":
-        return p["mean"] + jnp.exp(0.5 * p["log_variance"]) * z, None
+        x = p["mean"] + jnp.exp(0.5 * p["log_variance"]) * z
+        return (x, state), None
       # ADM re-derives eps from the (possibly clipped) x0 prediction.
       eps = diffusion.eps_from_xstart(x, t, p["pred_xstart"])
       x = c_x0 * p["pred_xstart"] + c_eps * eps
-      return (x + c_noise * z if stochastic else x), None
+      return (x + c_noise * z if stochastic else x, state), None
 
     xs = (jnp.asarray(idx, jnp.int32), model_t, keys, consts)
-    x, _ = jax.lax.scan(body, noise, xs)
+    (x, _), _ = jax.lax.scan(body, (noise, state), xs)
     return x
 
   def dpm_grid(self, steps, grid):
@@ -189,7 +188,7 @@ class DDPM(objective.Objective):
     la = self._log_abar(t)
     return 0.5 * la - 0.5 * np.log(-np.expm1(la))
 
-  def _dpm_solver(self, fn, noise, steps, grid, clip_denoised):
+  def _dpm_solver(self, fn, state, noise, steps, grid, clip_denoised):
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.
 
     The network is evaluated once at each of the ``steps`` grid times; the
@@ -217,16 +216,18 @@ class DDPM(objective.Objective):
     c = noise.shape[-1]
 
     def body(carry, xs):
-      x, x0_prev = carry
+      x, x0_prev, state = carry
       t, al, si, a_i, b_i, wc, wp = xs
       tm = jnp.full((b,), t)
-      eps = fn(x, tm, self.normalized_time(tm))[..., :c]
+      eps, state = fn(x, tm, self.normalized_time(tm), state)
+      eps = eps[..., :c]
       x0 = (x - si * eps) / al
       if clip_denoised:
         x0 = jnp.clip(x0, -1.0, 1.0)
       x = a_i * x + b_i * (wc * x0 + wp * x0_prev)
-      return (x, x0), None
+      return (x, x0, state), None
 
     xs = tuple(f32(v) for v in (ts, alpha, sigma, a, bb, w_cur, w_prev))
-    (_, x0), _ = jax.lax.scan(body, (noise, jnp.zeros_like(noise)), xs)
+    (_, x0, _), _ = jax.lax.scan(
+        body, (noise, jnp.zeros_like(noise), state), xs)
     return x0

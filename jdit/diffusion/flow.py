@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.diffusion import guidance as guidance_lib
 from jdit.diffusion import objective
 from jdit.diffusion import paths
 from jdit.diffusion import samplers as integrators
@@ -214,18 +213,18 @@ class Flow(objective.Objective):
     u = paths.shift_time(np.linspace(1.0, 0.0, n + 1), shift)
     return t_lo + (t_hi - t_lo) * u
 
-  def _sample(self, model_fn, noise, key, y, sampler, steps, guidance,
-              options):
-    fn = guidance_lib.guided_model(model_fn, guidance, y, noise.shape[-1])
+  def _sample(self, fn, state, noise, key, sampler, steps, options):
     b, c = noise.shape[0], noise.shape[-1]
     path, pred = self.path, self.prediction
 
-    def output(x, t):
+    def output(x, t, state):
       tb = jnp.full((b,), t, jnp.float32)
-      return self.prediction_of(fn(x, self.model_time(tb), tb)[..., :c])
+      out, state = fn(x, self.model_time(tb), tb, state)
+      return self.prediction_of(out[..., :c]), state
 
-    def velocity(x, t):
-      return paths.to_velocity(pred, output(x, t), x, t, path)
+    def velocity(x, t, state):
+      out, state = output(x, t, state)
+      return paths.to_velocity(pred, out, x, t, path), state
 
     eps = float(options["sample_eps"])
     shift = float(options["shift"])
@@ -234,12 +233,12 @@ class Flow(objective.Objective):
       # ``sample_eps`` short of both ends (SiT ``check_interval``).
       ts = self._time_grid(steps, 1.0 - eps, eps, shift)
       step = integrators.euler if sampler == "euler" else integrators.heun
-      return step(velocity, noise, ts)
-    return self._sde(output, velocity, noise, key, steps, eps, shift,
+      return step(velocity, noise, state, ts)[0]
+    return self._sde(output, velocity, noise, state, key, steps, eps, shift,
                      **{k: v for k, v in options.items()
                         if k not in ("sample_eps", "shift")})
 
-  def _sde(self, output, velocity, noise, key, steps, eps, shift,
+  def _sde(self, output, velocity, noise, state, key, steps, eps, shift,
            diffusion_form, diffusion_norm, last_step, last_step_size):
     """Euler-Maruyama with SiT's diffusion forms and last-step options.
 
@@ -255,22 +254,22 @@ class Flow(objective.Objective):
     w = lambda t: diffusion_coefficient(diffusion_form, path, t,
                                         diffusion_norm)
 
-    def drift(x, t):
-      out = output(x, t)
+    def drift(x, t, state):
+      out, state = output(x, t, state)
       v = paths.to_velocity(pred, out, x, t, path)
-      return v - w(t) * paths.to_score(pred, out, x, t, path)
+      return v - w(t) * paths.to_score(pred, out, x, t, path), state
 
     if last_step == "none":
       ts = self._time_grid(steps, t_hi, 0.0, shift)
-      return integrators.euler_maruyama(drift, w, noise, ts, key)
+      return integrators.euler_maruyama(drift, w, noise, state, ts, key)[0]
     if not 0.0 < last_step_size < t_hi:
       raise ValueError(
           f"last_step_size must be in (0, {t_hi}), got {last_step_size}.")
     ts = self._time_grid(steps - 1, t_hi, last_step_size, shift)
-    x = integrators.euler_maruyama(drift, w, noise, ts, key)
+    x, state = integrators.euler_maruyama(drift, w, noise, state, ts, key)
     t = float(ts[-1])
     if last_step == "mean":
-      return x - t * drift(x, t)
+      return x - t * drift(x, t, state)[0]
     if last_step == "euler":
-      return x - t * velocity(x, t)
-    return paths.to_x0(pred, output(x, t), x, t, path)
+      return x - t * velocity(x, t, state)[0]
+    return paths.to_x0(pred, output(x, t, state)[0], x, t, path)

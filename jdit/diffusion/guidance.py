@@ -68,24 +68,44 @@ def check_guidance(guidance):
   return guidance if guidance.active else None
 
 
-def guided_model(model_fn, guidance, y, data_channels):
-  """Wraps ``model_fn(x, t_model, y)`` into ``fn(x, t_model, t_norm)``.
+def stateless(model_fn):
+  """Adapts a plain network ``(x, t, y) -> out`` to the stateful form
+  ``(x, t, y, state) -> (out, state)`` that samplers call; its state is
+  ``((), ())``."""
+  return lambda x, t, y, state: (model_fn(x, t, y), state)
+
+
+def _join(a, b):
+  return jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
+
+
+def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
+  """Wraps a stateful network into ``fn(x, t_model, t_norm, state)``.
 
   Args:
-    model_fn: the network, ``(x, t_model, y) -> (B, H, W, C_out)``.
+    model_fn: ``(x, t_model, y, state) -> ((B, H, W, C_out), state)``, where
+      ``state = (shared, rows)`` and every leaf of ``rows`` leads with the
+      batch (``stateless`` adapts a plain network; ``jdit.feature_cache``
+      carries cached block updates this way).
     guidance: a Guidance or None (no guidance: one plain call per step).
     y: labels ``(B,)`` or None.
     data_channels: C, the number of data channels; with learned sigma the
       output has 2C channels and only the first C can be guided.
+    state: the network's initial state for the B conditional rows.
 
   Returns:
-    A function of ``(x (B,H,W,C), t_model (B,), t_norm (B,))`` returning the
-    (possibly guided) network output as float32.
+    ``(fn, state)``: ``fn(x (B,H,W,C), t_model (B,), t_norm (B,), state)``
+    returns the (possibly guided) network output as float32 and the next
+    state; ``state`` is its initial value (with guidance,
+    ``(shared, rows, unconditional rows)``).
   """
   guidance = check_guidance(guidance)
   if guidance is None:
-    return lambda x, t_model, t_norm: model_fn(x, t_model, y).astype(
-        jnp.float32)
+    def plain(x, t_model, t_norm, state):
+      del t_norm
+      out, state = model_fn(x, t_model, y, state)
+      return out.astype(jnp.float32), state
+    return plain, state
   if y is None:
     raise ValueError("Classifier-free guidance needs labels y; got y=None.")
   k = data_channels if guidance.channels is None else guidance.channels
@@ -96,24 +116,35 @@ def guided_model(model_fn, guidance, y, data_channels):
   lo, hi = guidance.interval
   w = guidance.scale
 
-  def both(x, t_model, t_norm):
+  def both(x, t_model, t_norm, state):
+    shared, rows, uncond_rows = state
     b = x.shape[0]
     y_null = jnp.full_like(y, guidance.null_label)
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_model, t_model]),
-                   jnp.concatenate([y, y_null])).astype(jnp.float32)
+    out, (shared, rows) = model_fn(
+        jnp.concatenate([x, x]), jnp.concatenate([t_model, t_model]),
+        jnp.concatenate([y, y_null]), (shared, _join(rows, uncond_rows)))
+    out = out.astype(jnp.float32)
     cond, uncond = out[:b], out[b:]
     mixed = uncond[..., :k] + w * (cond[..., :k] - uncond[..., :k])
     inside = (t_norm >= lo) & (t_norm <= hi)
     inside = inside.reshape((b,) + (1,) * (x.ndim - 1))
     mixed = jnp.where(inside, mixed, cond[..., :k])
-    return jnp.concatenate([mixed, cond[..., k:]], axis=-1)
+    state = (shared, jax.tree.map(lambda r: r[:b], rows),
+             jax.tree.map(lambda r: r[b:], rows))
+    return jnp.concatenate([mixed, cond[..., k:]], axis=-1), state
 
+  initial = (state[0], state[1], state[1])
   if (lo, hi) == (0.0, 1.0):
-    return both
+    return both, initial
 
-  def fn(x, t_model, t_norm):
+  def cond_only(x, t_model, t_norm, state):
+    del t_norm
+    shared, rows, uncond_rows = state
+    out, (shared, rows) = model_fn(x, t_model, y, (shared, rows))
+    return out.astype(jnp.float32), (shared, rows, uncond_rows)
+
+  def fn(x, t_model, t_norm, state):
     inside = jnp.any((t_norm >= lo) & (t_norm <= hi))
-    cond_only = lambda x, tm, tn: model_fn(x, tm, y).astype(jnp.float32)
-    return jax.lax.cond(inside, both, cond_only, x, t_model, t_norm)
+    return jax.lax.cond(inside, both, cond_only, x, t_model, t_norm, state)
 
-  return fn
+  return fn, initial

@@ -27,8 +27,9 @@ class Objective:
     """Returns ``(scalar mean loss, dict of scalar metrics)``."""
     raise NotImplementedError
 
-  def _sample(self, model_fn, noise, key, y, sampler, steps, guidance,
-              options):
+  def _sample(self, fn, state, noise, key, sampler, steps, options):
+    """Integrates with ``fn(x, t_model, t_norm, state) -> (out, state)``
+    (the guided network, guidance.guided_model); returns the samples."""
     raise NotImplementedError
 
   def is_stochastic(self, sampler, options) -> bool:
@@ -65,7 +66,9 @@ class Objective:
     options static; the loop is a ``lax.scan`` (compiled once, not per step).
 
     Args:
-      model_fn: ``(x, t_model, y) -> (B, H, W, C_out)``.
+      model_fn: ``(x, t_model, y) -> (B, H, W, C_out)``, or a stateful
+        network with ``init_state(x, t_model, y)`` and ``__call__(x, t_model,
+        y, state) -> (out, state)`` (``jdit.feature_cache.CachedNetwork``).
       noise: ``(B, H, W, C)`` standard normal, the t = 1 state.
       key: PRNG key; may be None for deterministic samplers.
       y: ``(B,)`` int labels or None.
@@ -84,8 +87,14 @@ class Objective:
       if self.is_stochastic(sampler, options):
         raise ValueError(f"Sampler {sampler!r} is stochastic: pass a key.")
       key = jax.random.PRNGKey(0)  # Unused by deterministic samplers.
-    return self._sample(model_fn, jnp.asarray(noise, jnp.float32), key, y,
-                        sampler, steps, guidance, options)
+    noise = jnp.asarray(noise, jnp.float32)
+    if hasattr(model_fn, "init_state"):
+      state = model_fn.init_state(noise, jnp.zeros(noise.shape[:1]), y)
+    else:
+      model_fn, state = guidance_lib.stateless(model_fn), ((), ())
+    fn, state = guidance_lib.guided_model(model_fn, guidance, y,
+                                          noise.shape[-1], state)
+    return self._sample(fn, state, noise, key, sampler, steps, options)
 
 
 def draw_time_and_noise(key, draw_time, shape):

@@ -30,6 +30,12 @@ def _known_model(learn_sigma):
   return model_fn, np.asarray(cond), np.asarray(uncond)
 
 
+def _guided(model_fn, guidance, y):
+  """The guided form of a plain network: (fn, initial state)."""
+  return guidance_lib.guided_model(guidance_lib.stateless(model_fn), guidance,
+                                   y, C)
+
+
 @pytest.mark.parametrize("learn_sigma,channels", [(False, None), (True, None),
                                                   (True, 3), (False, 2)])
 def test_guided_channels(learn_sigma, channels):
@@ -37,9 +43,9 @@ def test_guided_channels(learn_sigma, channels):
   w = 2.5
   g = diffusion.Guidance(scale=w, null_label=NULL, channels=channels)
   y = jnp.arange(B)
-  fn = guidance_lib.guided_model(model_fn, g, y, C)
+  fn, state = _guided(model_fn, g, y)
   x, t = jnp.zeros((B, 2, 2, C)), jnp.full((B,), 0.5)
-  out = np.asarray(fn(x, t, t))
+  out = np.asarray(fn(x, t, t, state)[0])
   k = C if channels is None else channels
   np.testing.assert_allclose(out[..., :k],
                              uncond[..., :k] + w * (cond[..., :k]
@@ -58,13 +64,11 @@ def test_scale_one_is_off_and_zero_is_unconditional():
     sizes.append(x.shape[0])
     return model_fn(x, t, y)
 
-  off = guidance_lib.guided_model(counting, diffusion.Guidance(1.0, NULL), y,
-                                  C)
-  np.testing.assert_array_equal(off(x, t, t), cond)
+  off, state = _guided(counting, diffusion.Guidance(1.0, NULL), y)
+  np.testing.assert_array_equal(off(x, t, t, state)[0], cond)
   assert sizes == [B]  # No doubled batch when guidance is off.
-  zero = guidance_lib.guided_model(model_fn, diffusion.Guidance(0.0, NULL), y,
-                                   C)
-  np.testing.assert_allclose(zero(x, t, t), uncond, rtol=1e-6)
+  zero, state = _guided(model_fn, diffusion.Guidance(0.0, NULL), y)
+  np.testing.assert_allclose(zero(x, t, t, state)[0], uncond, rtol=1e-6)
 
 
 def _flow():
@@ -142,7 +146,6 @@ def test_bad_guidance(kwargs, match):
 def test_guidance_needs_labels_and_enough_channels():
   model_fn, _, _ = _known_model(False)
   with pytest.raises(ValueError, match="needs labels"):
-    guidance_lib.guided_model(model_fn, diffusion.Guidance(2.0), None, C)
+    _guided(model_fn, diffusion.Guidance(2.0), None)
   with pytest.raises(ValueError, match="exceeds"):
-    guidance_lib.guided_model(model_fn, diffusion.Guidance(2.0, channels=5),
-                              jnp.arange(B), C)
+    _guided(model_fn, diffusion.Guidance(2.0, channels=5), jnp.arange(B))

@@ -1,0 +1,169 @@
+"""Feature caching for sampling: reuse residual blocks' outputs across steps.
+
+Adjacent sampling steps see nearly the same input, so a transformer block's
+residual update ``block(x) - x`` changes slowly from one network evaluation
+to the next. FORA (Selvaraju et al. 2024) recomputes every block only every
+``interval``-th evaluation and reuses the cached updates in between; the
+evaluations in between cost the patch embedding, the conditioning and the
+final layer only. Delta-DiT-style schedules cache only a range of blocks.
+
+``CachedNetwork`` wraps any jdit backbone whose residual blocks set
+``feature_cache = True`` (DiT and every family built on its blocks,
+LaMamba-Diff): the blocks are found by intercepting their calls, so no model
+code knows about caching. Each reused block costs one add; the cache holds
+one ``(B, tokens, width)`` update per block and per row (twice the rows
+under classifier-free guidance).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCache:
+  """Which blocks a network evaluation recomputes.
+
+  Attributes:
+    interval: evaluations per refresh; evaluation ``n`` recomputes every
+      block iff ``n < warmup`` or ``(n - warmup) % interval == 0``. 1 = no
+      reuse (every block computed at every evaluation).
+    warmup: the first ``warmup`` evaluations compute every block (the noisy
+      start, where features move fastest).
+    blocks: ``(first, stop)``: only blocks ``first <= i < stop`` reuse their
+      cached update, the others are always computed; None = all blocks.
+
+  Evaluation 0 always computes every block. Evaluations are counted per
+  network call: one per step for euler/ddpm/ddim/dpm++/sde, two for heun;
+  with classifier-free guidance the conditional and unconditional rows are
+  one call.
+  """
+  interval: int = 1
+  warmup: int = 0
+  blocks: tuple[int, int] | None = None
+
+  def __post_init__(self):
+    if isinstance(self.interval, bool) or not isinstance(
+        self.interval, int) or self.interval < 1:
+      raise ValueError(f"feature cache interval must be an integer >= 1, "
+                       f"got {self.interval!r}")
+    if isinstance(self.warmup, bool) or not isinstance(
+        self.warmup, int) or self.warmup < 0:
+      raise ValueError(f"feature cache warmup must be an integer >= 0, got "
+                       f"{self.warmup!r}")
+    if self.blocks is not None:
+      ok = (len(tuple(self.blocks)) == 2 and all(
+          isinstance(b, int) and not isinstance(b, bool)
+          for b in self.blocks) and 0 <= self.blocks[0] < self.blocks[1])
+      if not ok:
+        raise ValueError(f"feature cache blocks must be (first, stop) with "
+                         f"0 <= first < stop, got {self.blocks!r}")
+      object.__setattr__(self, "blocks", tuple(self.blocks))
+
+  @property
+  def active(self) -> bool:
+    return self.interval > 1
+
+  def check_depth(self, num_blocks: int) -> None:
+    if self.blocks is not None and self.blocks[1] > num_blocks:
+      raise ValueError(f"feature cache blocks {self.blocks} exceed the "
+                       f"model's {num_blocks} cacheable blocks")
+
+  def refresh(self, count, num_blocks: int):
+    """Bool ``(num_blocks,)``: which blocks evaluation ``count`` computes."""
+    count = jnp.asarray(count)
+    everything = (count < self.warmup) | (
+        (count - self.warmup) % self.interval == 0)
+    i = jnp.arange(num_blocks)
+    lo, hi = self.blocks if self.blocks is not None else (0, num_blocks)
+    return everything | (i < lo) | (i >= hi)
+
+  def computed_fraction(self, evaluations: int, num_blocks: int) -> float:
+    """Fraction of block evaluations computed over ``evaluations`` calls."""
+    n = jnp.arange(evaluations)
+    table = jax.vmap(lambda c: self.refresh(c, num_blocks))(n)
+    return float(jnp.mean(table))
+
+
+def _is_block(context) -> bool:
+  return (context.method_name == "__call__"
+          and getattr(type(context.module), "feature_cache", False))
+
+
+class CachedNetwork:
+  """A stateful network ``(x, t, y, state) -> (out, state)`` for samplers.
+
+  ``state = (count, rows)``: ``count`` is the number of evaluations so far,
+  ``rows = (valid, updates)`` holds per row whether its cached updates were
+  computed (rows start invalid; a call with any invalid row computes every
+  block) and one residual update per block. Rows lead every leaf of
+  ``rows``, so guidance can split and join the conditional and
+  unconditional halves.
+  """
+
+  def __init__(self, model, params, cache: FeatureCache):
+    if "remat" in getattr(model, "__dataclass_fields__", {}):
+      model = model.clone(remat="none")  # sampling keeps no activations
+    self.model, self.params, self.cache = model, params, cache
+
+  def _apply(self, x, t, y, block_fn):
+    """Applies the model with ``block_fn(i, call, x_in) -> x_out`` deciding
+    how block i runs (``call()`` computes it)."""
+    index = [0]
+
+    def intercept(next_fun, args, kwargs, context):
+      if not _is_block(context):
+        return next_fun(*args, **kwargs)
+      i = index[0]
+      index[0] += 1
+      return block_fn(i, lambda: next_fun(*args, **kwargs), args[0])
+
+    with nn.intercept_methods(intercept):
+      out = self.model.apply({"params": self.params}, x, t, y)
+    return out, index[0]
+
+  def init_state(self, x, t, y):
+    """Zero state for a batch like ``x`` (every row invalid)."""
+    shapes = []
+
+    def record(i, call, x_in):
+      del i, x_in
+      out = call()
+      shapes.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
+      return out
+
+    jax.eval_shape(lambda x, t, y: self._apply(x, t, y, record)[0], x, t, y)
+    if not shapes:
+      raise ValueError(f"{type(self.model).__name__} has no blocks marked "
+                       "feature_cache = True; it cannot cache features")
+    self.cache.check_depth(len(shapes))
+    updates = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    return (jnp.zeros((), jnp.int32),
+            (jnp.zeros((x.shape[0],), bool), updates))
+
+  def __call__(self, x, t, y, state):
+    count, (valid, updates) = state
+    refresh = self.cache.refresh(count, len(updates)) | ~jnp.all(valid)
+    new_updates = list(updates)
+
+    def block_fn(i, call, x_in):
+      def compute():
+        out = call()
+        return out, (out - x_in).astype(updates[i].dtype)
+
+      def reuse():
+        return x_in + updates[i].astype(x_in.dtype), updates[i]
+
+      out, new_updates[i] = jax.lax.cond(refresh[i], compute, reuse)
+      return out
+
+    out, _ = self._apply(x, t, y, block_fn)
+    return out, (count + 1, (jnp.ones_like(valid), tuple(new_updates)))
+
+
+def stateless(model_fn):
+  """Adapts a plain ``(x, t, y) -> out`` network to the stateful form."""
+  return lambda x, t, y, state: (model_fn(x, t, y), state)
