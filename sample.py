@@ -4,6 +4,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
     python sample.py --checkpoint runs/default [--num_samples 80]
         [--sampler ddpm|ddim|dpm++|euler|heun|sde] [--steps S]
         [--cfg_scale 1.5] [--cfg_channels 3] [--cfg_interval lo,hi]
+        [--cfg_rescale 0.7]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
         [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
 
@@ -35,6 +36,9 @@ _CFG_CHANNELS = flags.DEFINE_integer(
 _CFG_INTERVAL = flags.DEFINE_string(
     "cfg_interval", "0,1", "Guide only for normalised time t in [lo, hi] "
     "(t = 1 is noise).")
+_CFG_RESCALE = flags.DEFINE_float(
+    "cfg_rescale", 0.0, "CFG-rescale weight in [0, 1]: scale the guided "
+    "output to the conditional output's standard deviation; 0 = off.")
 _SHIFT = flags.DEFINE_float(
     "shift", 0.0, "Flow checkpoints: warp the sampler's time grid, u -> "
     "s u / (1 + (s - 1) u) with u = 1 the noise end (s > 1 spends more steps "
@@ -107,7 +111,8 @@ def main(argv):
   labels = evaluation.cycled_labels(base, n, k)
   guidance = diffusion.Guidance(
       scale=_CFG.value, null_label=k, channels=_CFG_CHANNELS.value or None,
-      interval=parse_interval(_CFG_INTERVAL.value))
+      interval=parse_interval(_CFG_INTERVAL.value),
+      rescale=_CFG_RESCALE.value)
   mesh = sharding.create_mesh({"data": -1})
   params = jax.device_put(params, sharding.NamedSharding(mesh, sharding.P()))
   decode = evaluation.latent_decoder(config)  # None for pixel models

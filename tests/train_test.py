@@ -227,7 +227,8 @@ def test_sample_cli_writes_npz_and_grid(tiny_config, tmp_path):
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "labels must be in [0, 10)" in bad.stderr
   cached = tmp_path / "out" / "cached.npz"
-  subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2"],
+  subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2",
+                             "--cfg_rescale", "0.5"],
                  check=True, env=env, cwd=ROOT, capture_output=True)
   assert np.load(cached)["arr_0"].shape == (6, 8, 8, 1)
   bad = subprocess.run(cmd + ["--cache_blocks", "2"], env=env, cwd=ROOT,

@@ -30,11 +30,18 @@ class Guidance:
       guides 3 of 4 latent channels); None guides all data channels.
     interval: guide only for normalised time t in [lo, hi] (t = 1 is noise);
       outside, the conditional branch alone is used.
+    rescale: CFG-rescale weight phi in [0, 1] (Lin et al. 2024, "Common
+      diffusion noise schedules and sample steps are flawed"): the guided
+      output is scaled per example to the conditional output's standard
+      deviation, ``phi * out * std(cond) / std(out) + (1 - phi) * out``,
+      over the guided channels of the network output (as diffusers applies
+      it); it counters the over-exposure of large scales. 0 = off.
   """
   scale: float = 1.0
   null_label: int = 1000
   channels: int | None = None
   interval: tuple[float, float] = (0.0, 1.0)
+  rescale: float = 0.0
 
   def __post_init__(self):
     if not self.scale >= 0.0:
@@ -47,7 +54,11 @@ class Guidance:
       raise ValueError(
           "Guidance interval must be (lo, hi) with 0 <= lo <= hi <= 1, got "
           f"{self.interval}.")
+    if not 0.0 <= self.rescale <= 1.0:
+      raise ValueError(f"Guidance rescale must be in [0, 1], got "
+                       f"{self.rescale}.")
     object.__setattr__(self, "interval", interval)
+    object.__setattr__(self, "rescale", float(self.rescale))
     object.__setattr__(self, "scale", float(self.scale))
 
   @property
@@ -126,6 +137,11 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
     out = out.astype(jnp.float32)
     cond, uncond = out[:b], out[b:]
     mixed = uncond[..., :k] + w * (cond[..., :k] - uncond[..., :k])
+    if guidance.rescale:
+      axes = tuple(range(1, x.ndim))
+      ratio = cond[..., :k].std(axes, keepdims=True) / jnp.maximum(
+          mixed.std(axes, keepdims=True), 1e-12)
+      mixed = guidance.rescale * ratio * mixed + (1 - guidance.rescale) * mixed
     inside = (t_norm >= lo) & (t_norm <= hi)
     inside = inside.reshape((b,) + (1,) * (x.ndim - 1))
     mixed = jnp.where(inside, mixed, cond[..., :k])

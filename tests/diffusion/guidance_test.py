@@ -55,6 +55,25 @@ def test_guided_channels(learn_sigma, channels):
   np.testing.assert_array_equal(out[..., k:], cond[..., k:])
 
 
+@pytest.mark.parametrize("phi", [1.0, 0.7])
+def test_rescale_matches_the_conditional_std(phi):
+  model_fn, cond, uncond = _known_model(True)
+  w, k = 4.0, 3
+  g = diffusion.Guidance(scale=w, null_label=NULL, channels=k, rescale=phi)
+  fn, state = _guided(model_fn, g, jnp.arange(B))
+  x, t = jnp.zeros((B, 2, 2, C)), jnp.full((B,), 0.5)
+  out = np.asarray(fn(x, t, t, state)[0])
+  cfg = (uncond + w * (cond - uncond))[..., :k].astype(np.float64)
+  std = lambda a: a.reshape(B, -1).std(axis=1)[:, None, None, None]
+  want = cfg * (phi * std(cond[..., :k].astype(np.float64)) / std(cfg)
+                + 1 - phi)
+  np.testing.assert_allclose(out[..., :k], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[..., k:], cond[..., k:])
+  if phi == 1.0:  # each example keeps the conditional output's spread
+    np.testing.assert_allclose(std(out[..., :k]), std(cond[..., :k]),
+                               rtol=1e-5)
+
+
 def test_scale_one_is_off_and_zero_is_unconditional():
   model_fn, cond, uncond = _known_model(False)
   y, x, t = jnp.arange(B), jnp.zeros((B, 2, 2, C)), jnp.full((B,), 0.5)
@@ -137,6 +156,7 @@ def test_ddpm_interval_in_normalised_time():
     ({"interval": (0.5, 0.2)}, "lo <= hi"),
     ({"interval": (-0.1, 1.0)}, "0 <= lo"),
     ({"interval": (0.0, 1.5)}, "hi <= 1"),
+    ({"rescale": 1.5}, "rescale must be in"),
 ])
 def test_bad_guidance(kwargs, match):
   with pytest.raises(ValueError, match=match):
