@@ -95,4 +95,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.steps = 0                 # 0 = sample.steps
   c.eval.cfg_scale = ml_collections.FieldReference(None, field_type=float)
   #                                  None = sample.cfg_scale
+  c.eval.keep_best = True          # EMA params of the lowest FID kept in
+  #                                  workdir/best_fid (sample.py loads it)
   return c

@@ -22,6 +22,8 @@ ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 OPTIONAL_ITEMS = ("posthoc_ema",)
 ITEMS = ARRAY_ITEMS + OPTIONAL_ITEMS + ("meta",)
 CHECKPOINT_SUBDIR = "checkpoints"
+# The EMA params of the lowest in-training FID, kept apart from rotation.
+BEST_SUBDIR = "best_fid"
 
 
 def manager(directory: str, *, keep: int = 3, create: bool = True
@@ -115,3 +117,39 @@ def save_for_sampling(directory: str, params, config: ml_collections.ConfigDict,
                               config_to_dict(config)}))
   mngr.save(step, args=args, force=True)
   mngr.wait_until_finished()
+
+
+class BestCheckpoint:
+  """Keeps the EMA params with the lowest ``eval/fid`` of a run.
+
+  They live in ``workdir/best_fid`` (``sample.py --checkpoint
+  workdir/best_fid``), one step, with the FID in its meta, apart from the
+  rotated training checkpoints, so the best model survives ``keep``. A
+  resumed run starts from the FID stored there.
+  """
+
+  def __init__(self, workdir: str):
+    self.mngr = manager(os.path.join(workdir, BEST_SUBDIR), keep=1)
+    step = self.mngr.latest_step()
+    self.fid = float("inf")
+    if step is not None:
+      meta = self.mngr.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+      self.fid = float(meta["eval/fid"])
+
+  def offer(self, step: int, fid: float, ema_params, meta: dict) -> bool:
+    """Saves ``ema_params`` if ``fid`` beats the best so far."""
+    if not fid < self.fid:
+      return False
+    latest = self.mngr.latest_step()
+    if latest is not None and latest >= step:
+      # Left by a run that stopped after this step and was resumed from an
+      # earlier checkpoint; its FID is higher, and orbax only moves forward.
+      self.mngr.delete(latest)
+    self.mngr.save(step, args=ocp.args.Composite(
+        ema_params=ocp.args.StandardSave(ema_params),
+        meta=ocp.args.JsonSave({**meta, "step": step, "eval/fid": fid})),
+                   force=True)
+    self.mngr.wait_until_finished()
+    self.fid = fid
+    return True

@@ -189,6 +189,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   meta = {"seed": config.seed, "config": checkpoint.config_to_dict(config)}
   snapshots = (posthoc_ema.snapshot_manager(workdir) if state.posthoc_ema
                else None)
+  best = (checkpoint.BestCheckpoint(workdir)
+          if evaluator is not None and config.eval.get("keep_best", True)
+          else None)
   window, t0, last = [], time.time(), {}
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -227,6 +230,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                   config.posthoc_ema.sigma_rels, meta["config"])
       if evaluate:  # after the checkpoint: a failing eval loses no training
         last.update(evaluator(state.ema_params))
+        if best is not None:
+          best.offer(step, last["eval/fid"], state.ema_params,
+                     {**meta, "data_step": step})
         bar.set_postfix(loss=f"{last['loss']:.4f}",
                         fid=f"{last['eval/fid']:.2f}")
         t0 = time.time()  # the next steps_per_sec excludes the evaluation

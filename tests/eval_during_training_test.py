@@ -60,7 +60,8 @@ def _rows(workdir):
 def test_fid_is_logged_at_eval_steps_and_matches_fid_evaluate(
     tiny_config, eval_files, tmp_path):
   c = _with_eval(tiny_config, eval_files)
-  c.total_steps = c.checkpoint_every = 5  # evals at 2, 4 and 5 (the last)
+  c.total_steps = 5  # evals at 2, 4 and 5 (the last), checkpoints too
+  c.checkpoint_every = 2
   c.log_every = 3
   result = train_lib.run(c, str(tmp_path))
   rows = _rows(tmp_path)
@@ -73,6 +74,23 @@ def test_fid_is_logged_at_eval_steps_and_matches_fid_evaluate(
     assert r["eval/fid"] > 0 and r["eval/inception_score"] >= 1.0
   assert result["eval/fid"] == rows[-1]["eval/fid"]
   assert len({r["eval/fid"] for r in evals}) == 3  # the model changed
+  # The lowest FID's EMA params are kept apart, loadable for sampling.
+  best = min(evals, key=lambda r: r["eval/fid"])
+  best_params, best_config = checkpoint.load_for_sampling(
+      str(tmp_path / checkpoint.BEST_SUBDIR))
+  kept = checkpoint.BestCheckpoint(str(tmp_path))
+  assert kept.fid == best["eval/fid"]
+  assert kept.mngr.latest_step() == best["step"]
+  assert best_config.model.name == c.model.name
+  jax.tree.map(np.testing.assert_array_equal, best_params,
+               checkpoint.load_for_sampling(
+                   str(tmp_path / "checkpoints" / str(best["step"])))[0])
+  # A worse FID leaves it; a better one replaces it, also at an earlier
+  # step (a resumed run's).
+  assert not kept.offer(9, best["eval/fid"] + 1, best_params, {})
+  assert kept.offer(1, best["eval/fid"] / 2, best_params, {})
+  assert kept.mngr.latest_step() == 1
+  assert checkpoint.BestCheckpoint(str(tmp_path)).fid == best["eval/fid"] / 2
 
   # Independently: the EMA params of the step-5 checkpoint, sampled on one
   # device (the run used 8), scored by the FID command's evaluate().
@@ -100,7 +118,7 @@ def test_fid_is_logged_at_eval_steps_and_matches_fid_evaluate(
                         sigma=np.eye(DIM + 1))
   with pytest.raises(ValueError, match="config.eval.ref"):
     train_lib.run(c, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "5"]
   assert _rows(tmp_path) == rows
 
 
