@@ -78,7 +78,12 @@ def save_grid(images: np.ndarray, path: str, ncol: int) -> None:
 
 
 class Sampler:
-  """Jitted sampling of one chunk; compiled once per (sampler, steps, cfg)."""
+  """Jitted sampling of one chunk; compiled once per (sampler, steps, cfg).
+
+  ``cache`` (a ``feature_cache.FeatureCache`` with interval > 1) reuses the
+  residual blocks' updates across network evaluations; None computes every
+  block at every evaluation.
+  """
 
   def __init__(self, model, objective, params, *, mesh, sampler=None,
                steps=None, guidance: diffusion.Guidance | None = None,
