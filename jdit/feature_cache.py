@@ -154,8 +154,8 @@ class CachedNetwork:
         out = call()
         return out, (out - x_in).astype(updates[i].dtype)
 
-      def reuse():
-        return x_in + updates[i].astype(x_in.dtype), updates[i]
+      def reuse():  # in the block output's dtype, as compute() returns it
+        return (x_in + updates[i]).astype(updates[i].dtype), updates[i]
 
       out, new_updates[i] = jax.lax.cond(refresh[i], compute, reuse)
       return out
