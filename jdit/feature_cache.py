@@ -122,8 +122,7 @@ class CachedNetwork:
       return block_fn(i, lambda: next_fun(*args, **kwargs), args[0])
 
     with nn.intercept_methods(intercept):
-      out = self.model.apply({"params": self.params}, x, t, y)
-    return out, index[0]
+      return self.model.apply({"params": self.params}, x, t, y)
 
   def init_state(self, x, t, y):
     """Zero state for a batch like ``x`` (every row invalid)."""
@@ -135,7 +134,7 @@ class CachedNetwork:
       shapes.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
       return out
 
-    jax.eval_shape(lambda x, t, y: self._apply(x, t, y, record)[0], x, t, y)
+    jax.eval_shape(lambda x, t, y: self._apply(x, t, y, record), x, t, y)
     if not shapes:
       raise ValueError(f"{type(self.model).__name__} has no blocks marked "
                        "feature_cache = True; it cannot cache features")
@@ -160,10 +159,5 @@ class CachedNetwork:
       out, new_updates[i] = jax.lax.cond(refresh[i], compute, reuse)
       return out
 
-    out, _ = self._apply(x, t, y, block_fn)
+    out = self._apply(x, t, y, block_fn)
     return out, (count + 1, (jnp.ones_like(valid), tuple(new_updates)))
-
-
-def stateless(model_fn):
-  """Adapts a plain ``(x, t, y) -> out`` network to the stateful form."""
-  return lambda x, t, y, state: (model_fn(x, t, y), state)
