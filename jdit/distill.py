@@ -15,6 +15,21 @@ generates, with
 CLEAR's defaults are w = (1, 0.5, 0.5), 10K samples and 10K iterations; its
 released distill.py averages the attention term over layers, as done here.
 
+The same machinery fine-tunes a depth-pruned student (jdit.depth_prune)
+with TinyFusion's Masked KD: `num_samples = 0` trains on the configured
+dataset instead of teacher samples, `trainable` covers every parameter, and
+
+  + w_hidden * mean over student blocks i of masked MSE(student block i
+               output, teacher block j(i) output)
+
+with j(i) = floor((i + 1) T / S) - 1 for S student and T teacher blocks (the
+last teacher block of the span student block i replaces; for 1:2 pruning,
+j = 2i + 1). The mask drops "massive activations", the few hidden-state
+entries hundreds of times larger than the rest that dominate a plain MSE:
+an entry is left out when its magnitude, in the teacher's or the student's
+hidden state, exceeds `massive_threshold` times that state's RMS (per
+example). The threshold rule is jdit's reading of the paper.
+
 Simplifications relative to CLEAR (FLUX, text-to-image, flow matching):
   * class labels instead of prompts; the samples are balanced over classes
     and drawn once with classifier-free guidance, then reused every epoch;
@@ -48,6 +63,7 @@ import optax
 
 from jdit import checkpoint, data, diffusion, sampling, sharding
 from jdit import train_state as ts
+from jdit.models import block_hooks
 
 DATA_FILE = "distill_samples.npz"
 # The module name DiT gives every block's token mixer ("blocks_i/attn").
@@ -58,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The `config.distill` section (teacher "" = ordinary training)."""
   c = ml_collections.ConfigDict()
   c.teacher = ""          # teacher checkpoint: workdir, checkpoints/ or step
-  c.num_samples = 10_000  # teacher-generated training set (CLEAR: 10K)
+  c.num_samples = 10_000  # teacher-generated training set (CLEAR: 10K);
+  #                         0 = the configured dataset (config.data)
   c.sampler = ""          # "" = the teacher objective's default sampler
   c.steps = 0             # 0 = the objective's default number of steps
   c.cfg_scale = 1.5       # guidance used to generate the samples
@@ -66,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.w_denoise = 1.0       # weight of the objective's loss (CLEAR: 1)
   c.w_out = 0.5           # output distillation (CLEAR: 0.5)
   c.w_attn = 0.5          # attention-output distillation (CLEAR: 0.5)
+  c.w_hidden = 0.0        # block-output (hidden state) distillation
+  c.massive_threshold = 0.0  # Masked KD: entries > this x RMS are left out
   c.trainable = ATTN_MODULE  # regex searched in "/"-joined param paths
   return c
 
@@ -168,7 +187,42 @@ def _attention_outputs(state) -> dict[str, jax.Array]:
   return out
 
 
-def make_apply_fn(student, teacher, mask, w_out: float, w_attn: float):
+def hidden_pairs(student_depth: int, teacher_depth: int):
+  """[(student block i, teacher block j(i))] aligned by the hidden term."""
+  return [(i, (i + 1) * teacher_depth // student_depth - 1)
+          for i in range(student_depth)]
+
+
+def masked_mse(student, teacher, threshold: float):
+  """MSE over the entries that are not massive in either hidden state."""
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  if not threshold:
+    return jnp.mean((s - t) ** 2)
+
+  def ordinary(h):  # |h| within threshold x the example's RMS
+    rms = jnp.sqrt(jnp.mean(h ** 2, axis=tuple(range(1, h.ndim)),
+                            keepdims=True))
+    return jnp.abs(h) <= threshold * rms
+
+  keep = (ordinary(s) & ordinary(t)).astype(jnp.float32)
+  return jnp.sum(keep * (s - t) ** 2) / jnp.maximum(jnp.sum(keep), 1.0)
+
+
+def _apply_recording_blocks(model, variables, *args, **kwargs):
+  """(model output, [each residual block's output])."""
+  outs = []
+
+  def record(i, call, x_in):
+    del i, x_in
+    outs.append(call())
+    return outs[-1]
+
+  return block_hooks.apply_with_block_hook(model, variables, record, *args,
+                                           **kwargs), outs
+
+
+def make_apply_fn(student, teacher, mask, w_out: float, w_attn: float,
+                  w_hidden: float = 0.0, massive_threshold: float = 0.0):
   """The train step's network call with the distillation terms."""
   capture = _is_mixer if w_attn else False
 
@@ -178,13 +232,20 @@ def make_apply_fn(student, teacher, mask, w_out: float, w_attn: float):
     params = jax.tree.map(
         lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
     kw = dict(train=True, force_drop_ids=drop, capture_intermediates=capture)
-    out, state = student.apply({"params": params}, x_t, t, y,
-                               mutable=["aux_loss", "intermediates"], **kw)
-    t_out, t_state = teacher.apply({"params": teacher_params}, x_t, t, y,
-                                   mutable=["intermediates"], **kw)
+    (out, state), hidden = _apply_recording_blocks(
+        student, {"params": params}, x_t, t, y,
+        mutable=["aux_loss", "intermediates"], **kw)
+    (t_out, t_state), t_hidden = _apply_recording_blocks(
+        teacher, {"params": teacher_params}, x_t, t, y,
+        mutable=["intermediates"], **kw)
     t_out = jax.lax.stop_gradient(t_out)
     terms = {"distill_out": w_out * jnp.mean(
         (out.astype(jnp.float32) - t_out.astype(jnp.float32)) ** 2)}
+    if w_hidden:
+      pairs = hidden_pairs(len(hidden), len(t_hidden))
+      terms["distill_hidden"] = w_hidden * sum(
+          masked_mse(hidden[i], jax.lax.stop_gradient(t_hidden[j]),
+                     massive_threshold) for i, j in pairs) / len(pairs)
     if w_attn:
       s_attn = _attention_outputs(state)
       t_attn = _attention_outputs(jax.lax.stop_gradient(t_state))
@@ -281,8 +342,11 @@ def load_teacher(config, student):
     raise ValueError(f"the teacher was trained with objective "
                      f"{tconfig.objective!r}, the student is configured "
                      f"with {config.objective!r}")
-  for field in ("grid_shape", "patch_size", "in_channels", "num_classes",
-                "out_channels", "depth"):
+  fields = ("grid_shape", "patch_size", "in_channels", "num_classes",
+            "out_channels")
+  if config.distill.w_attn:  # attention outputs are compared block by block
+    fields += ("depth",)
+  for field in fields:
     if getattr(teacher, field) != getattr(student, field):
       raise ValueError(
           f"teacher {path} has {field}={getattr(teacher, field)}, the "
@@ -299,7 +363,8 @@ class Distiller:
     self.student = student
     self.objective = objective
     d = config.distill
-    for key in ("w_denoise", "w_out", "w_attn"):
+    for key in ("w_denoise", "w_out", "w_attn", "w_hidden",
+                "massive_threshold", "num_samples"):
       if d[key] < 0:
         raise ValueError(f"config.distill.{key} must be >= 0, got {d[key]}")
     self.teacher, self.teacher_objective, self.teacher_params = (
@@ -308,13 +373,34 @@ class Distiller:
   def optimizer(self, tx):
     return partial_optimizer(tx, self.config.distill.trainable)
 
-  def prepare(self, state, tx, mesh, rules, workdir):
-    """Returns (input pipeline, step(state, batch) -> (state, metrics))."""
+  def prepare(self, state, tx, mesh, rules, workdir, dataset):
+    """Returns (input pipeline, step(state, batch) -> (state, metrics)).
+
+    `dataset()` makes the configured dataset's pipeline (num_samples 0).
+    """
     c, d = self.config, self.config.distill
     shardings = ts.state_shardings(self.teacher, optax.set_to_zero(), mesh,
                                    rules).params
     tparams = jax.tree.map(lambda p, s: jax.device_put(np.asarray(p), s),
                            self.teacher_params, shardings)
+    if d.num_samples:
+      pipeline = self._teacher_pipeline(tparams, mesh, workdir)
+    else:
+      pipeline = dataset()
+    mask = trainable_mask(state.params, d.trainable)
+    step = ts.make_train_step(
+        self.student, _Weighted(self.objective, float(d.w_denoise)), tx,
+        ema_decay=c.ema_decay, grad_accum=c.optim.get("grad_accum", 1),
+        seed=c.seed, mesh=mesh, rules=rules,
+        ema_warmup=c.get("ema_warmup", False),
+        apply_fn=make_apply_fn(self.student, self.teacher, mask,
+                               float(d.w_out), float(d.w_attn),
+                               float(d.w_hidden), float(d.massive_threshold)))
+    return pipeline, lambda st, batch: step(st, batch, tparams)
+
+  def _teacher_pipeline(self, tparams, mesh, workdir) -> data.InputPipeline:
+    """Batches of the teacher-generated training set (CLEAR)."""
+    c = self.config
     x, y = teacher_samples(c, self.teacher, self.teacher_objective, tparams,
                            mesh, workdir)
     h, w = self.student.grid_shape
@@ -323,16 +409,7 @@ class Distiller:
         shape=(h * self.student.patch_size, w * self.student.patch_size,
                self.student.in_channels),
         to_model=lambda b: (b["x"], b["y"].astype(np.int32)))
-    pipeline = data.InputPipeline(
+    return data.InputPipeline(
         _ArraySource(x, y), spec, global_batch_size=c.batch_size,
         seed=c.seed, process_index=jax.process_index(),
         process_count=jax.process_count())
-    mask = trainable_mask(state.params, d.trainable)
-    step = ts.make_train_step(
-        self.student, _Weighted(self.objective, float(d.w_denoise)), tx,
-        ema_decay=c.ema_decay, grad_accum=c.optim.get("grad_accum", 1),
-        seed=c.seed, mesh=mesh, rules=rules,
-        ema_warmup=c.get("ema_warmup", False),
-        apply_fn=make_apply_fn(self.student, self.teacher, mask,
-                               float(d.w_out), float(d.w_attn)))
-    return pipeline, lambda st, batch: step(st, batch, tparams)

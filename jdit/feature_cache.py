@@ -7,10 +7,10 @@ to the next. FORA (Selvaraju et al. 2024) recomputes every block only every
 evaluations in between cost the patch embedding, the conditioning and the
 final layer only. Delta-DiT-style schedules cache only a range of blocks.
 
-``CachedNetwork`` wraps any jdit backbone whose residual blocks set
-``feature_cache = True`` (DiT and every family built on its blocks,
-LaMamba-Diff): the blocks are found by intercepting their calls, so no model
-code knows about caching. Each reused block costs one add; the cache holds
+``CachedNetwork`` wraps any jdit backbone whose blocks set
+``residual_block = True`` (DiT and every family built on its blocks,
+LaMamba-Diff): the blocks are found by intercepting their calls
+(jdit.models.block_hooks), so no model code knows about caching. Each reused block costs one add; the cache holds
 one ``(B, tokens, width)`` update per block and per row (twice the rows
 under classifier-free guidance).
 """
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jdit.models import block_hooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +89,6 @@ class FeatureCache:
     return float(jnp.mean(table))
 
 
-def _is_block(context) -> bool:
-  return (context.method_name == "__call__"
-          and getattr(type(context.module), "feature_cache", False))
-
-
 class CachedNetwork:
   """A stateful network ``(x, t, y, state) -> (out, state)`` for samplers.
 
@@ -110,19 +106,8 @@ class CachedNetwork:
     self.model, self.params, self.cache = model, params, cache
 
   def _apply(self, x, t, y, block_fn):
-    """Applies the model with ``block_fn(i, call, x_in) -> x_out`` deciding
-    how block i runs (``call()`` computes it)."""
-    index = [0]
-
-    def intercept(next_fun, args, kwargs, context):
-      if not _is_block(context):
-        return next_fun(*args, **kwargs)
-      i = index[0]
-      index[0] += 1
-      return block_fn(i, lambda: next_fun(*args, **kwargs), args[0])
-
-    with nn.intercept_methods(intercept):
-      return self.model.apply({"params": self.params}, x, t, y)
+    return block_hooks.apply_with_block_hook(
+        self.model, {"params": self.params}, block_fn, x, t, y)
 
   def init_state(self, x, t, y):
     """Zero state for a batch like ``x`` (every row invalid)."""
@@ -137,7 +122,7 @@ class CachedNetwork:
     jax.eval_shape(lambda x, t, y: self._apply(x, t, y, record), x, t, y)
     if not shapes:
       raise ValueError(f"{type(self.model).__name__} has no blocks marked "
-                       "feature_cache = True; it cannot cache features")
+                       "residual_block = True; it cannot cache features")
     self.cache.check_depth(len(shapes))
     updates = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
     return (jnp.zeros((), jnp.int32),

@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jdit import (checkpoint, data, diffusion, distill, evaluation,
-                  posthoc_ema, repa, sampling, sharding)
+from jdit import (checkpoint, data, depth_prune, diffusion, distill,
+                  evaluation, posthoc_ema, repa, sampling, sharding)
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -50,6 +50,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if repa.enabled(config) and distill.enabled(config):
     raise ValueError("config.repa and config.distill cannot be used "
                      "together; set config.repa.weight=0")
+  if depth_prune.enabled(config):  # the search trains a masked model
+    clashes = [name for name, on in (
+        ("config.distill.teacher", distill.enabled(config)),
+        ("config.repa.weight", repa.enabled(config)),
+        ("config.posthoc_ema.every", posthoc_ema.gammas_from_config(config)),
+        ("config.eval.every", evaluation.enabled(config))) if on]
+    if clashes:
+      raise ValueError(f"config.depth_prune (a layer search) runs alone; "
+                       f"turn off {clashes}")
 
 
 class MetricWriter:
@@ -86,11 +95,14 @@ class MetricWriter:
       self.tb.close()
 
 
-def _restore_or_init(mngr, model, tx, mesh, rules, config, num_posthoc):
+def _restore_or_init(mngr, model, tx, mesh, rules, config, num_posthoc,
+                     search=None):
   step = mngr.latest_step()
   if step is None:
     state = ts.create_state(model, tx, mesh, rules, config.seed, num_posthoc)
-    if distill.init_path(config):  # a fine-tune starts from those weights
+    if search is not None:  # the model to prune
+      state = search.init(state)
+    elif distill.init_path(config):  # a fine-tune starts from those weights
       state = distill.init_from(state, distill.init_path(config))
     return state, 0
   # Resuming: restore straight into the sharded layout, initialising nothing.
@@ -153,24 +165,35 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   tx, schedule = ts.make_optimizer(config.optim, config.total_steps)
   distiller = (distill.Distiller(config, model, objective)
                if distill.enabled(config) else None)
-  if distiller:  # only the attention layers are trained
-    tx = distiller.optimizer(tx)
+  search = (depth_prune.LayerSearch(config, model, objective)
+            if depth_prune.enabled(config) else None)
+  # A distillation or a layer search brings its optimizer masking, input
+  # and train step.
+  special = distiller or search
+  if special:
+    tx = special.optimizer(tx)
   mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
                             keep=config.get("keep_checkpoints", 3))
   gammas = posthoc_ema.gammas_from_config(config)
-  state, start = _restore_or_init(mngr, model, tx, mesh, rules, config,
-                                  len(gammas))
-  if distiller:  # teacher-generated samples and the distillation loss
-    pipeline, train_step = distiller.prepare(state, tx, mesh, rules, workdir)
-  else:
+  state, start = _restore_or_init(
+      mngr, search.state_model if search else model, tx, mesh, rules, config,
+      len(gammas), search)
+
+  def dataset(images: bool = False) -> data.InputPipeline:
     source = data.load_source(config.data.name, config.data.split,
                               config.data.data_dir)
-    # REPA on a latent model reads the images stored beside the latents.
-    images = encoder is not None and repa.needs_stored_images(spec.shape[-1])
-    pipeline = data.InputPipeline(
+    return data.InputPipeline(
         source, spec, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         flip=config.data.flip, images=images)
+
+  if special:
+    pipeline, train_step = special.prepare(state, tx, mesh, rules, workdir,
+                                           dataset)
+  else:
+    # REPA on a latent model reads the images stored beside the latents.
+    pipeline = dataset(images=encoder is not None
+                       and repa.needs_stored_images(spec.shape[-1]))
     repa_kw = {} if encoder is None else dict(
         apply_fn=repa.make_apply_fn(model, float(config.repa.weight)),
         target_fn=repa.make_target_fn(encoder[0], model))
@@ -215,6 +238,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         rate = len(window) / (time.time() - t0)
         last.update(lr=float(schedule(step - 1)), steps_per_sec=rate,
                     images_per_sec=rate * config.batch_size)
+        if search is not None:
+          last.update(search.metrics(state))
         bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.2f}")
         window, t0 = [], time.time()
       if step % config.checkpoint_every == 0 or step == end:
@@ -240,7 +265,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, last)
   bar.close()
   writer.close()
-  if step == config.total_steps and config.get("sample") and (
+  if search is not None:
+    if step == config.total_steps:  # the decision and the pruned weights
+      search.finish(state, workdir)
+  elif step == config.total_steps and config.get("sample") and (
       config.sample.get("per_class", 0) > 0):
     write_sample_grid(config, model, objective, state.ema_params, mesh, workdir,
                       step)

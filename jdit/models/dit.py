@@ -57,8 +57,8 @@ def adaln_modulation(c, n, *, dtype, param_dtype):
 
 class DiTBlock(nn.Module):
   """adaLN-Zero transformer block around a registered token mixer."""
-  # Sampling may reuse its residual update across steps (feature_cache).
-  feature_cache = True
+  # Returns x + update (jdit.models.block_hooks: caching, pruning, KD).
+  residual_block = True
   num_heads: int
   mlp_ratio: float = 4.0
   mixer: str = "attention"

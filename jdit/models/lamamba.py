@@ -79,8 +79,8 @@ class LaMambaBlock(nn.Module):
     project_condition: project the condition to the block width even when
       the widths match (the paper's decoder blocks always project).
   """
-  # Sampling may reuse its residual update across steps (feature_cache).
-  feature_cache = True
+  # Returns x + update (jdit.models.block_hooks: caching, pruning, KD).
+  residual_block = True
   num_heads: int
   attn_mixer: str = "window"
   attn_options: Any = None
