@@ -1,20 +1,39 @@
-"""Test setup: 8 fake CPU devices for the sharding tests.
+"""Test setup: 8 fake CPU devices for the sharding tests, and a compilation
+cache shared by the session.
 
 XLA_FLAGS must be set before jax initialises its backends, so it is set here,
 at import time of the first conftest, before any test module imports jax.
+The same is true of the cache settings, which jax reads from the environment.
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (the tiny train step of every
+# train.run test, a resumed run's step): a persistent compilation cache for
+# the session makes each compile once. The controller creates it before the
+# xdist workers start, so they inherit it, and removes it at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="jdit-tests-xla-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def load_config(name: str, arg: str | None = None):
