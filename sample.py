@@ -7,6 +7,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
         [--cfg_rescale 0.7]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
         [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
+        [--input_size 64 [--extrapolation ntk]]
 
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
 (also those written by `python -m jdit.convert`). Sampling is split over all
@@ -16,10 +17,12 @@ import os
 
 from absl import app, flags, logging
 import jax
+import ml_collections
 import numpy as np
 
 from jdit import (checkpoint, diffusion, evaluation, feature_cache,
                   sampling, sharding)
+from jdit.models.embed import EXTRAPOLATIONS
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint dir.",
                             required=True)
@@ -56,6 +59,14 @@ _CACHE_INTERVAL = flags.DEFINE_integer(
 _CACHE_WARMUP = flags.DEFINE_integer(
     "cache_warmup", 0, "Feature caching: evaluations computed in full "
     "before reuse starts.")
+_INPUT_SIZE = flags.DEFINE_string(
+    "input_size", "", "Sample at another resolution: the model input's side "
+    "or 'rows,cols' (latent models: in latents, the image size / 8 with the "
+    "SD-VAE); '' = the trained size. DiT-family models only.")
+_EXTRAPOLATION = flags.DEFINE_enum(
+    "extrapolation", "extrapolate", list(EXTRAPOLATIONS),
+    "With --input_size larger than the trained size: how positions extend "
+    "past the trained grid (jdit.models.embed.EXTRAPOLATIONS).")
 _CACHE_BLOCKS = flags.DEFINE_string(
     "cache_blocks", "", "Feature caching: 'first,stop', the blocks that may "
     "reuse updates; '' = all.")
@@ -87,6 +98,38 @@ def parse_cache() -> feature_cache.FeatureCache | None:
   return cache if cache.active else None
 
 
+def resize(config):
+  """config with the model at --input_size (positions per --extrapolation)."""
+  if not _INPUT_SIZE.value:
+    if _EXTRAPOLATION.value != "extrapolate":
+      raise app.UsageError("--extrapolation applies with --input_size")
+    return config
+  try:
+    size = tuple(int(v) for v in _INPUT_SIZE.value.split(","))
+  except ValueError as e:
+    raise app.UsageError(f"--input_size must be a side or 'rows,cols', got "
+                         f"{_INPUT_SIZE.value!r}") from e
+  if len(size) not in (1, 2) or min(size) < 1:
+    raise app.UsageError(f"--input_size must be a side or 'rows,cols', got "
+                         f"{_INPUT_SIZE.value!r}")
+  trained, _ = sampling.model_from_config(config)
+  if "base_grid" not in trained.__dataclass_fields__:
+    raise app.UsageError(f"--input_size: {type(trained).__name__} models "
+                         f"sample at their trained size only")
+  model = config.model.to_dict()  # input_size may change type (side, pair)
+  model["input_size"] = size[0] if len(size) == 1 else size
+  if model.get("base_grid") is None:  # the grid it was trained on
+    model["base_grid"] = tuple(trained.grid_shape)
+  model["extrapolation"] = _EXTRAPOLATION.value
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(model)
+  try:
+    sampling.model_from_config(config)
+  except ValueError as e:
+    raise app.UsageError(f"--input_size {_INPUT_SIZE.value}: {e}") from e
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,7 +144,7 @@ def main(argv):
       raise app.UsageError(f"--shift applies to flow checkpoints; this one's "
                            f"objective is {config.objective!r}")
     config.diffusion.flow.sample_shift = _SHIFT.value
-  model, objective = sampling.model_from_config(config)
+  model, objective = sampling.model_from_config(resize(config))
   k = model.num_classes
   if _LABELS.value:
     base = np.array([int(v) for v in _LABELS.value.split(",")])

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -80,6 +81,18 @@ def find_manager_dir(path: str) -> tuple[str, int | None]:
       f"or one step's directory")
 
 
+def local_target(directory: str, step: int, item: str):
+  """The stored shapes and dtypes of `item`, placed on this process's first
+  device: a checkpoint written on any number of devices (a pod) restores
+  on a machine with another number, without its mesh."""
+  metadata = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(directory) / str(step) / item)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      getattr(metadata, "tree", metadata))
+
+
 def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
   """Returns (EMA params as host numpy arrays, config) from any checkpoint."""
   directory, step = find_manager_dir(path)
@@ -89,7 +102,9 @@ def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
-        ema_params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        ema_params=ocp.args.StandardRestore(
+            local_target(directory, step, "ema_params")),
+        meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises several types for corrupt data
     raise ValueError(f"could not read checkpoint step {step} in {directory}: "
                      f"{e}") from e

@@ -34,6 +34,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdit import checkpoint
+
 SUBDIR = "posthoc_ema"
 ITEMS = ("profiles", "meta")
 
@@ -159,7 +161,8 @@ def reconstruct(workdir: str, sigma_rel: float, step: int | None = None):
   total = None
   for s in used:
     profiles = mngr.restore(s, args=ocp.args.Composite(
-        profiles=ocp.args.StandardRestore()))["profiles"]
+        profiles=ocp.args.StandardRestore(checkpoint.local_target(
+            str(mngr.directory), s, "profiles"))))["profiles"]
     for k, profile in enumerate(profiles):
       part = jax.tree.map(
           lambda a, x=weight[s, k]: np.asarray(a, np.float64) * x, profile)

@@ -38,7 +38,8 @@ def model_from_config(config: ml_collections.ConfigDict):
                if k not in MODEL_KEYS_NOT_OVERRIDES and v is not None}
   if overrides.get("learn_sigma") is None:
     overrides["learn_sigma"] = objective_name == "ddpm"
-  for key in ("input_size", "mixer_layers"):  # lists after a JSON round trip
+  # Lists after a JSON round trip.
+  for key in ("input_size", "mixer_layers", "base_grid"):
     if isinstance(overrides.get(key), (list, tuple)):
       overrides[key] = tuple(overrides[key])
   for key in ("mixer_options", "mlp_options"):

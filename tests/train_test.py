@@ -227,13 +227,20 @@ def test_sample_cli_writes_npz_and_grid(tiny_config, tmp_path):
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "labels must be in [0, 10)" in bad.stderr
   cached = tmp_path / "out" / "cached.npz"
+  # Feature caching, CFG-rescale and a larger grid (positions interpolated),
+  # on 1 device from a checkpoint written on 8.
+  one_device = {**env, "XLA_FLAGS": ""}
   subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2",
-                             "--cfg_rescale", "0.5"],
-                 check=True, env=env, cwd=ROOT, capture_output=True)
-  assert np.load(cached)["arr_0"].shape == (6, 8, 8, 1)
+                             "--cfg_rescale", "0.5", "--input_size", "12,8",
+                             "--extrapolation", "interpolate"],
+                 check=True, env=one_device, cwd=ROOT, capture_output=True)
+  assert np.load(cached)["arr_0"].shape == (6, 12, 8, 1)
   bad = subprocess.run(cmd + ["--cache_blocks", "2"], env=env, cwd=ROOT,
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "cache blocks must be" in bad.stderr
+  bad = subprocess.run(cmd + ["--extrapolation", "ntk"], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "applies with --input_size" in bad.stderr
 
 
 def test_load_for_sampling_rejects_foreign_directories(tmp_path):

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jdit.models import mixers
-from jdit.models.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                               dense, sincos_2d)
+from jdit.models.embed import (EXTRAPOLATIONS, LabelEmbedder, PatchEmbed,
+                               TimestepEmbedder, dense, sincos_2d)
 from jdit.models.feedforward import get_feedforward
 from jdit.models.registry import register_model
 
@@ -228,6 +228,12 @@ class DiT(ImageBackbone, nn.Module):
   # h}; in training the tokens after block k are projected and sown as
   # intermediates "repa". None: no projector.
   repa: Any = None
+  # Running on a grid other than the trained one (sampling at another
+  # resolution): the trained token grid (rows, cols) and how positions
+  # extend past it, one of embed.EXTRAPOLATIONS; applies to the sin-cos
+  # embedding and to rotary attention. None: positions as in training.
+  base_grid: Sequence[int] | None = None
+  extrapolation: str = "extrapolate"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
@@ -244,6 +250,13 @@ class DiT(ImageBackbone, nn.Module):
                        f"num_heads {self.num_heads}")
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.extrapolation not in EXTRAPOLATIONS:
+      raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got "
+                       f"{self.extrapolation!r}")
+    if self.base_grid is not None and (
+        len(tuple(self.base_grid)) != 2 or min(self.base_grid) < 1):
+      raise ValueError(f"base_grid must be the trained (rows, cols) token "
+                       f"grid or None, got {self.base_grid!r}")
     if self.mixer_layers is not None:
       layers = list(self.mixer_layers)
       if (not layers or len(set(layers)) != len(layers)
@@ -274,8 +287,13 @@ class DiT(ImageBackbone, nn.Module):
   def block_mixer(self, i: int):
     """(mixer name, mixer options) of block i."""
     if self.mixer_layers is None or i in self.mixer_layers:
-      return self.mixer, self.mixer_options
-    return "attention", None
+      mixer, options = self.mixer, self.mixer_options
+    else:
+      mixer, options = "attention", None
+    if self.base_grid is not None and dict(options or {}).get("rope"):
+      options = {**dict(options), "rope_base_grid": tuple(self.base_grid),
+                 "rope_extrapolation": self.extrapolation}
+    return mixer, options
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
@@ -286,7 +304,9 @@ class DiT(ImageBackbone, nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(self.hidden_size, p, name="x_embedder", **kw)(
         x.astype(self.dtype))
-    x = x + sincos_2d(self.hidden_size, gh, gw)[None].astype(self.dtype)
+    base = None if self.base_grid is None else tuple(self.base_grid)
+    x = x + sincos_2d(self.hidden_size, gh, gw, base, self.extrapolation)[
+        None].astype(self.dtype)
     x = nn.with_logical_constraint(x, ACT)
     c = embed_condition(self, self.hidden_size, t, y, train, force_drop_ids)
     block = remat_block(DiTBlock, self.remat)

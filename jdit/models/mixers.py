@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -163,7 +163,9 @@ class Attention(nn.Module):
   Options of the "modern DiT" recipes (LightningDiT): `qk_norm` normalises
   queries and keys per head ("rms" or "layer"); `rope` rotates them by the
   axial rotary embedding of the token grid (embed.rotary_tables), on top of
-  the backbone's absolute sin-cos embedding.
+  the backbone's absolute sin-cos embedding. `rope_base_grid` and
+  `rope_extrapolation` extend the rotations to a grid larger than the
+  trained one (the backbone sets them from its base_grid, extrapolation).
   """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
@@ -171,6 +173,8 @@ class Attention(nn.Module):
   impl: str = "auto"  # pallas_kernels.dot_product_attention's
   qk_norm: str | None = None
   rope: bool = False
+  rope_base_grid: Any = None
+  rope_extrapolation: str = "extrapolate"
 
   @nn.compact
   def __call__(self, x, *, grid_shape, deterministic=True):
@@ -184,7 +188,9 @@ class Attention(nn.Module):
       q = qk_norm(self.qk_norm, "q_norm")(q).astype(self.dtype)
       k = qk_norm(self.qk_norm, "k_norm")(k).astype(self.dtype)
     if self.rope:
-      cos, sin = embed.rotary_tables(grid_shape, q.shape[-1])
+      cos, sin = embed.rotary_tables(
+          grid_shape, q.shape[-1], base_grid=self.rope_base_grid,
+          extrapolation=self.rope_extrapolation)
       q, k = embed.apply_rotary(q, cos, sin), embed.apply_rotary(k, cos, sin)
     o = attention(q, k, v, self.impl)
     return out_projection(o, dtype=self.dtype, param_dtype=self.param_dtype)
