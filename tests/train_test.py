@@ -5,10 +5,8 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from jdit import checkpoint, sampling, sharding
 from jdit import train as train_lib
