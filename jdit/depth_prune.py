@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jdit import checkpoint, distill, sampling
+from jdit import checkpoint, distill, sampling, sharding
 from jdit import train_state as ts
 from jdit.models import block_hooks
 
@@ -305,9 +305,11 @@ class LayerSearch:
         rules=rules, ema_warmup=c.get("ema_warmup", False),
         apply_fn=self.apply_fn())
     # The step number travels as the "frozen" argument (the temperature
-    # and the mask's key depend on it); + 0 makes it a fresh buffer, since
-    # the state itself is donated.
-    return dataset(), lambda st, batch: step(st, batch, st.step + 0)
+    # and the mask's key depend on it): a fresh buffer, since the state
+    # itself is donated, with one sharding, so the step compiles once.
+    replicated = sharding.NamedSharding(mesh, sharding.P())
+    return dataset(), lambda st, batch: step(
+        st, batch, jax.device_put(st.step + 0, replicated))
 
   def current(self, state) -> tuple[list[int], list[float]]:
     gates = jax.device_get(state.ema_params["gates"])

@@ -117,7 +117,11 @@ def _restore_or_init(mngr, model, tx, mesh, rules, config, num_posthoc,
         f"model {config.model.name!r} as configured (was it written for "
         f"another model or optimizer, or with another "
         f"config.posthoc_ema?): {e}") from e
-  state = ts.TrainState(step=jnp.asarray(step, jnp.int32),
+  # The step counter placed as the train step returns it: an uncommitted
+  # scalar would make the first step after a resume compile twice.
+  counter = jax.device_put(jnp.asarray(step, jnp.int32),
+                           sharding.NamedSharding(mesh, sharding.P()))
+  state = ts.TrainState(step=counter,
                         params=out["params"], ema_params=out["ema_params"],
                         opt_state=out["opt_state"],
                         posthoc_ema=tuple(out.get("posthoc_ema", ())))

@@ -65,3 +65,21 @@ def tiny_config(tfds_dir):
   c.optim.warmup_steps = 1
   c.sample.per_class = 0
   return c
+
+
+def random_params(model, seed: int = 0, scale: float = 0.1):
+  """Params of `model` drawn as scale * N(0, 1) with numpy, every leaf
+  non-zero (adaLN-Zero's init makes every DiT block the identity). Shapes
+  come from eval_shape: an initialisation compiles for seconds on CPU."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  b = 1
+  x = jnp.zeros((b,) + tuple(model.input_shape))
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.key(0), x, jnp.zeros((b,)), jnp.zeros((b,), jnp.int32))[
+          "params"]))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(
+      scale * rng.standard_normal(s.shape), s.dtype), shapes)

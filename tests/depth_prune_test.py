@@ -2,7 +2,6 @@
 import json
 import os
 
-import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 from jdit import checkpoint, depth_prune, sampling
 from jdit import train as train_lib
 from jdit.models import block_hooks, build_model
-from tests.conftest import load_config
+from tests.conftest import load_config, random_params
 
 TINY = {"depth": 4, "hidden_size": 32, "num_heads": 2}
 
@@ -21,17 +20,6 @@ TINY = {"depth": 4, "hidden_size": 32, "num_heads": 2}
 def _digits_model(**kw):
   return build_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10,
                      **{**TINY, **kw})
-
-
-def _random_params(model, seed=0):
-  """Init params with every leaf perturbed (adaLN-Zero would make every
-  block the identity)."""
-  x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,)), jnp.zeros((2,), int)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), x, t, y)["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [
-      p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
 def _inputs(seed=0, b=3):
@@ -105,20 +93,20 @@ def test_gumbel_search_finds_the_cheapest_blocks():
 @pytest.mark.parametrize("kept", [[1, 2], [0, 3]])
 def test_pruned_model_equals_the_masked_full_model(kept):
   model = _digits_model(class_dropout_prob=0.0)
-  params = _random_params(model)
+  params = random_params(model)
   x, t, y = _inputs()
   on = np.isin(np.arange(4), kept)
 
   def skip_dropped(i, call, x_in):
     return call() if on[i] else x_in
 
-  want = block_hooks.apply_with_block_hook(model, {"params": params},
-                                           skip_dropped, x, t, y)
+  want = jax.jit(lambda p: block_hooks.apply_with_block_hook(
+      model, {"params": p}, skip_dropped, x, t, y))(params)
   small = _digits_model(class_dropout_prob=0.0, depth=len(kept))
-  got = small.apply({"params": depth_prune.prune_blocks(params, kept, 4)},
-                    x, t, y)
+  got = jax.jit(small.apply)(
+      {"params": depth_prune.prune_blocks(params, kept, 4)}, x, t, y)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  full = model.apply({"params": params}, x, t, y)
+  full = jax.jit(model.apply)({"params": params}, x, t, y)
   assert np.abs(np.asarray(full - want)).max() > 1e-3  # the blocks mattered
 
 
@@ -168,7 +156,7 @@ def pretrained(tmp_path_factory):
   c = load_config("default")
   c.model.update(TINY)
   model, _ = sampling.model_from_config(c)
-  params = jax.device_get(_random_params(model))
+  params = jax.device_get(random_params(model))
   path = str(tmp_path_factory.mktemp("pretrained") / "ckpt")
   checkpoint.save_for_sampling(path, params, c)
   return path, params
@@ -192,9 +180,10 @@ def test_search_writes_the_pruned_original_weights(tfds_dir, tmp_path,
   path, params = pretrained
   c = _search_config(tfds_dir, path)
   work = str(tmp_path / "search")
-  train_lib.run(c, work, stop_at=2)  # interrupted, then resumed
+  train_lib.run(c, work, stop_at=2)  # interrupted on 8 devices, then
   assert not os.path.exists(os.path.join(work, depth_prune.PRUNED_SUBDIR))
-  train_lib.run(c, work)
+  c.mesh.data = 1  # resumed on one
+  train_lib.run(c, work, devices=jax.devices()[:1])
   with open(os.path.join(work, depth_prune.DECISION_FILE)) as f:
     result = json.load(f)
   kept = result["kept"]

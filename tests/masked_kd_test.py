@@ -2,7 +2,6 @@
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from jdit import checkpoint, depth_prune, distill, sampling
 from jdit import train as train_lib
 from jdit.models import build_model
-from tests.conftest import load_config
+from tests.conftest import load_config, random_params
 
 TINY = {"depth": 4, "hidden_size": 32, "num_heads": 2}
 
@@ -44,13 +43,7 @@ def build(depth):
 def _teacher_params(identity_blocks):
   """Random 4-block params; the listed blocks are the identity (their
   adaLN-Zero gates are zero)."""
-  model = build(4)
-  x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,)), jnp.zeros((2,), int)
-  params = nn.meta.unbox(model.init(jax.random.key(0), x, t, y)["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [
-      p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = random_params(build(4))
   for i in identity_blocks:
     params[f"blocks_{i}"]["adaLN_modulation"] = jax.tree.map(
         jnp.zeros_like, params[f"blocks_{i}"]["adaLN_modulation"])
@@ -63,9 +56,9 @@ def test_kd_terms_vanish_for_the_exact_pruned_teacher():
   teacher_params = _teacher_params(identity_blocks=(0, 2))
   student_params = depth_prune.prune_blocks(teacher_params, [1, 3], 4)
   mask = jax.tree.map(lambda _: True, student_params)
-  apply_fn = distill.make_apply_fn(build(2), build(4), mask, w_out=1.0,
-                                   w_attn=0.0, w_hidden=1.0,
-                                   massive_threshold=4.0)
+  apply_fn = jax.jit(distill.make_apply_fn(
+      build(2), build(4), mask, w_out=1.0, w_attn=0.0, w_hidden=1.0,
+      massive_threshold=4.0))
   k = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(k[0], (3, 8, 8, 1))
   t = jax.random.uniform(k[1], (3,)) * 999
