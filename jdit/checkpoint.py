@@ -100,17 +100,24 @@ def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
-  try:
-    out = mngr.restore(step, args=ocp.args.Composite(
-        ema_params=ocp.args.StandardRestore(
-            local_target(directory, step, "ema_params")),
-        meta=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises several types for corrupt data
-    raise ValueError(f"could not read checkpoint step {step} in {directory}: "
-                     f"{e}") from e
+
+  def read(**items):
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises several types for corrupt data
+      raise ValueError(f"could not read checkpoint step {step} in "
+                       f"{directory}: {e}") from e
+
+  meta = read(meta=ocp.args.JsonRestore())["meta"]
+  if dict(meta["config"].get("depth_prune") or {}).get("keep"):
+    # Its params are the search's own (layer logits, LoRA factors).
+    raise FileNotFoundError(
+        f"{directory} holds a depth-pruning search (config.depth_prune), not "
+        f"a model; its result is the pruned/ directory beside it")
+  out = read(ema_params=ocp.args.StandardRestore(
+      local_target(directory, step, "ema_params")))
   params = jax.tree.map(lambda a: jax.device_get(a), out["ema_params"])
-  config = ml_collections.ConfigDict(out["meta"]["config"])
-  return params, config
+  return params, ml_collections.ConfigDict(meta["config"])
 
 
 def save_for_sampling(directory: str, params, config: ml_collections.ConfigDict,

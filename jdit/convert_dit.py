@@ -8,6 +8,7 @@ and converts. Use it through `jdit.convert.dit_params_from_torch`.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import jax
@@ -138,14 +139,26 @@ def _infer_input_size(sd: Mapping[str, Any], patch_size: int) -> int | None:
   return side * patch_size if side * side == tokens else None
 
 
+def _infer_depth(sd: Mapping[str, Any]) -> int | None:
+  """The number of blocks, from the highest "blocks.<i>." key."""
+  found = [re.match(r"blocks\.(\d+)\.", k) for k in sd]
+  return max((int(m.group(1)) for m in found if m), default=-1) + 1 or None
+
+
 def resolve_dit_overrides(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
-  """`overrides` plus input_size from pos_embed when not given."""
+  """`overrides` plus input_size from pos_embed and depth from the blocks
+  when not given: depth-pruned checkpoints (TinyFusion's TinyDiT-D14 of
+  DiT-XL/2) convert under their parent's name."""
+  sd = unwrap_state_dict(state_dict)
+  named = build_model(name)
   if "input_size" not in overrides:
-    size = _infer_input_size(unwrap_state_dict(state_dict),
-                             build_model(name).patch_size)
+    size = _infer_input_size(sd, named.patch_size)
     if size is not None:
       overrides = dict(overrides, input_size=size)
+  depth = _infer_depth(sd)
+  if "depth" not in overrides and depth and depth != named.depth:
+    overrides = dict(overrides, depth=depth)
   return overrides
 
 

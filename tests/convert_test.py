@@ -368,3 +368,16 @@ def test_official_xl2_layout(input_size):
   assert shapes["final_layer.linear.weight"] == (32, 1152)  # 2*2*8
   n = sum(math.prod(s) for k, s in shapes.items() if k != "pos_embed")
   assert n == 674_834_720  # the paper's 675M
+
+
+def test_depth_is_read_from_the_blocks(torch_model):
+  """A depth-pruned checkpoint (TinyFusion's TinyDiT-D14 of DiT-XL/2)
+  converts under its parent's name: the depth comes from the blocks."""
+  sd = torch_model.state_dict()
+  width = {"hidden_size": 64, "num_heads": 4, "num_classes": 10}
+  overrides = convert.resolve_dit_overrides(sd, "DiT-S/2", **width)
+  assert overrides["depth"] == 2 and overrides["input_size"] == 8
+  params = convert.dit_params_from_torch(sd, "DiT-S/2", **width)
+  assert sorted(k for k in params if k.startswith("blocks_")) == [
+      "blocks_0", "blocks_1"]
+  assert convert.resolve_dit_overrides(sd, "DiT-S/2", depth=3)["depth"] == 3

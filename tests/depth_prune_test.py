@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jdit import checkpoint, depth_prune, sampling
@@ -202,7 +203,12 @@ def test_search_writes_the_pruned_original_weights(tfds_dir, tmp_path,
   out = model.apply({"params": got}, *_inputs(b=2))
   assert out.shape == (2, 8, 8, 2) and np.all(np.isfinite(out))
   # The LoRA search never moves the frozen base weights.
-  state = checkpoint.load_for_sampling(os.path.join(work, "checkpoints"))[0]
+  mngr = checkpoint.manager(os.path.join(work, "checkpoints"), create=False)
+  state = mngr.restore(4, args=ocp.args.Composite(
+      ema_params=ocp.args.StandardRestore()))["ema_params"]
+  # sample.py and init_from refuse the search's own checkpoints.
+  with pytest.raises(FileNotFoundError, match="pruned/ directory"):
+    checkpoint.load_for_sampling(work)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                state["base"], params)
   assert np.abs(state["lora"]["final_layer"]["linear"]["kernel"]["b"]).max() > 0

@@ -6,6 +6,7 @@ import pytest
 
 from jdit.models import build_model
 from jdit.models import embed
+from tests.conftest import random_params
 
 
 def _eva_angles(rows, cols, part, freqs_r, freqs_c):
@@ -84,20 +85,15 @@ def _model(**kw):
 def test_dit_runs_past_its_trained_grid():
   x = jax.random.normal(jax.random.key(0), (2, 16, 12, 1))
   t, y = jnp.array([10.0, 500.0]), jnp.array([1, 2])
-  trained = _model(input_size=8)
-  params = trained.init(jax.random.key(1), x[:, :8, :8], t, y)["params"]
-  # adaLN-Zero: make the blocks and the output non-trivial.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(tree, [
-      p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = random_params(_model(input_size=8), scale=0.3)
   outs = {}
   for method in embed.EXTRAPOLATIONS:
     big = _model(input_size=(16, 12), base_grid=(4, 4), extrapolation=method)
-    outs[method] = big.apply({"params": params}, x, t, y)
+    outs[method] = jax.jit(big.apply)({"params": params}, x, t, y)
     assert outs[method].shape == (2, 16, 12, 2)
     assert np.all(np.isfinite(outs[method]))
-  plain = _model(input_size=(16, 12)).apply({"params": params}, x, t, y)
+  plain = jax.jit(_model(input_size=(16, 12)).apply)({"params": params}, x,
+                                                     t, y)
   np.testing.assert_allclose(outs["extrapolate"], plain, atol=1e-6)
   for method in ("interpolate", "ntk", "yarn"):
     assert np.abs(np.asarray(outs[method] - plain)).max() > 1e-4, method
