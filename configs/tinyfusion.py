@@ -36,6 +36,14 @@ checkpoint first, see README; data and VAE as in configs/dit_imagenet256.py):
         --config.data.data_dir=/data/latents/imagenet256 \\
         --config.vae.path=/ckpt/sd-vae-ft-ema --workdir runs/tinydit_d14
 
+On the digits (CPU, 2026-11-24, the commands above): the teacher's samples
+are recognised by the digits classifier 99.6% of the time. The search kept
+blocks [0, 2]: 58.0% before fine-tuning, against 22.8% for the other pair
+[1, 3]. After the 1000-step fine-tune, 99.8% for the learned choice and for
+both fixed pairs. So the digits show that the pipeline works and that the
+search picks the better pair before recovery; they are too easy to separate
+the choices after it. That comparison needs ImageNet.
+
 Options (comma-separated arg): `search` | `finetune`, `imagenet256`,
 `keep=N`, `group=M` (default 1:2; TinyFusion also reports 2:4 and 7:14).
 
