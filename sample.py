@@ -59,6 +59,9 @@ _CACHE_INTERVAL = flags.DEFINE_integer(
 _CACHE_WARMUP = flags.DEFINE_integer(
     "cache_warmup", 0, "Feature caching: evaluations computed in full "
     "before reuse starts.")
+_CACHE_BLOCKS = flags.DEFINE_string(
+    "cache_blocks", "", "Feature caching: 'first,stop', the blocks that may "
+    "reuse updates; '' = all.")
 _INPUT_SIZE = flags.DEFINE_string(
     "input_size", "", "Sample at another resolution: the model input's side "
     "or 'rows,cols' (latent models: in latents, the image size / 8 with the "
@@ -67,9 +70,6 @@ _EXTRAPOLATION = flags.DEFINE_enum(
     "extrapolation", "extrapolate", list(EXTRAPOLATIONS),
     "With --input_size larger than the trained size: how positions extend "
     "past the trained grid (jdit.models.embed.EXTRAPOLATIONS).")
-_CACHE_BLOCKS = flags.DEFINE_string(
-    "cache_blocks", "", "Feature caching: 'first,stop', the blocks that may "
-    "reuse updates; '' = all.")
 
 
 def parse_interval(text: str) -> tuple[float, float]:

@@ -256,14 +256,12 @@ class LayerSearch:
 
   def init(self, state: ts.TrainState) -> ts.TrainState:
     """The base weights of a fresh search: config.init_from."""
-    path = self.config.init_from
-    params, _ = checkpoint.load_for_sampling(path)
-    distill.check_compatible(params, state.params["base"],
-                             f"init_from checkpoint {path}")
-    put = lambda p, t: jax.device_put(np.asarray(p, t.dtype), t.sharding)
-    base = lambda: jax.tree.map(put, params, state.params["base"])
-    return state.replace(params={**state.params, "base": base()},
-                         ema_params={**state.ema_params, "base": base()})
+    only_base = state.replace(params=state.params["base"],
+                              ema_params=state.ema_params["base"])
+    base = distill.init_from(only_base, self.config.init_from)
+    return state.replace(
+        params={**state.params, "base": base.params},
+        ema_params={**state.ema_params, "base": base.ema_params})
 
   def apply_fn(self):
     """The train step's network call: the base model under a sampled mask."""
@@ -357,8 +355,7 @@ def main(argv=None) -> None:
   params, config = checkpoint.load_for_sampling(args.checkpoint)
   model, _ = sampling.model_from_config(config)
   check_prunable(model)
-  depth = model.depth
-  pruned = prune_blocks(params, kept, depth)  # fails before writing
+  pruned = prune_blocks(params, kept, model.depth)  # fails before writing
   checkpoint.save_for_sampling(os.path.abspath(args.out), pruned,
                                pruned_config(config, kept))
   print(json.dumps({"out": args.out, "depth": len(kept), "kept": kept}))

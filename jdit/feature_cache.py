@@ -10,9 +10,10 @@ final layer only. Delta-DiT-style schedules cache only a range of blocks.
 ``CachedNetwork`` wraps any jdit backbone whose blocks set
 ``residual_block = True`` (DiT and every family built on its blocks,
 LaMamba-Diff): the blocks are found by intercepting their calls
-(jdit.models.block_hooks), so no model code knows about caching. Each reused block costs one add; the cache holds
-one ``(B, tokens, width)`` update per block and per row (twice the rows
-under classifier-free guidance).
+(jdit.models.block_hooks), so no model code knows about caching. Each
+reused block costs one add; the cache holds one ``(B, tokens, width)``
+update per block and per row (twice the rows under classifier-free
+guidance).
 """
 from __future__ import annotations
 

@@ -39,4 +39,3 @@ def apply_with_block_hook(model: nn.Module, variables, block_fn: BlockFn,
 
   with nn.intercept_methods(intercept):
     return model.apply(variables, *args, **kwargs)
-
