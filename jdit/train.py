@@ -145,8 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   model, objective = sampling.model_from_config(config)
   spec = data.get_spec(config.data.name, config.data.data_dir)
-  if (spec.num_classes != model.num_classes
-      or spec.shape != model.input_shape):
+  bucket_models = _bucket_models(model, spec, config)
+  if spec.num_classes != model.num_classes or (
+      not bucket_models and spec.shape != model.input_shape):
     raise ValueError(
         f"dataset {config.data.name!r} has {spec.num_classes} classes of "
         f"shape {spec.shape}, but the model expects {model.num_classes} "
@@ -183,13 +184,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       mngr, search.state_model if search else model, tx, mesh, rules, config,
       len(gammas), search)
 
-  def dataset(images: bool = False) -> data.InputPipeline:
+  def dataset(images: bool = False):
     source = data.load_source(config.data.name, config.data.split,
                               config.data.data_dir)
-    return data.InputPipeline(
+    pipeline = data.make_pipeline(
         source, spec, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         flip=config.data.flip, images=images)
+    for shape, size in getattr(pipeline, "skipped", ()):
+      print(f"bucket {shape[0]}x{shape[1]} skipped: its {size} examples are "
+            f"fewer than one batch of {config.batch_size}")
+    return pipeline
 
   if special:
     pipeline, train_step = special.prepare(state, tx, mesh, rules, workdir,
@@ -201,14 +206,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     repa_kw = {} if encoder is None else dict(
         apply_fn=repa.make_apply_fn(model, float(config.repa.weight)),
         target_fn=repa.make_target_fn(encoder[0], model))
-    step_fn = ts.make_train_step(
-        model, objective, tx, ema_decay=config.ema_decay, grad_accum=accum,
-        seed=config.seed, mesh=mesh, rules=rules,
-        ema_warmup=config.get("ema_warmup", False),
-        posthoc_gammas=gammas, **repa_kw)
+    # One compiled step per input shape: aspect-ratio buckets each run the
+    # model at their own token grid (the parameters are shared).
+    step_fns = {}
     frozen = None if encoder is None else jax.device_put(
         encoder[1], sharding.NamedSharding(mesh, sharding.P()))
-    train_step = lambda st, batch: step_fn(st, batch, frozen)
+
+    def train_step(st, batch):
+      shape = tuple(batch["x"].shape[1:])
+      if shape not in step_fns:
+        step_fns[shape] = ts.make_train_step(
+            bucket_models.get(shape, model), objective, tx,
+            ema_decay=config.ema_decay, grad_accum=accum, seed=config.seed,
+            mesh=mesh, rules=rules, ema_warmup=config.get("ema_warmup", False),
+            posthoc_gammas=gammas, **repa_kw)
+      return step_fns[shape](st, batch, frozen)
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -277,6 +289,38 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     write_sample_grid(config, model, objective, state.ema_params, mesh, workdir,
                       step)
   return last
+
+
+def _bucket_models(model, spec, config) -> dict:
+  """For a dataset of aspect-ratio buckets (jdit.data.buckets): the model at
+  each bucket's shape, checked now (an unfit bucket would otherwise fail
+  when its first batch comes, hours in); {} for other datasets."""
+  if not spec.buckets:
+    return {}
+  if (distill.enabled(config) or depth_prune.enabled(config)
+      or repa.enabled(config)):
+    raise ValueError(f"dataset {config.data.name!r} holds aspect-ratio "
+                     f"buckets; config.distill, config.depth_prune and "
+                     f"config.repa train at one shape only")
+  if "base_grid" not in model.__dataclass_fields__:
+    raise ValueError(f"{type(model).__name__} models run at one input size "
+                     f"only; dataset {config.data.name!r} holds aspect-ratio "
+                     f"buckets")
+  models = {}
+  for shape in spec.buckets:
+    try:
+      bucket = model.clone(input_size=tuple(shape[:2]))
+      if bucket.input_shape != tuple(shape):
+        raise ValueError(f"the model takes {bucket.input_shape}")
+      x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+      t = jax.ShapeDtypeStruct((1,), jnp.float32)
+      y = jax.ShapeDtypeStruct((1,), jnp.int32)
+      jax.eval_shape(bucket.init, jax.random.key(0), x, t, y)
+    except ValueError as e:
+      raise ValueError(f"bucket {shape} of dataset {config.data.name!r} does "
+                       f"not fit model {config.model.name!r}: {e}") from e
+    models[tuple(shape)] = bucket
+  return models
 
 
 def _check_finite(loss: float, step: int, mngr) -> None:

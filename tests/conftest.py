@@ -83,3 +83,17 @@ def random_params(model, seed: int = 0, scale: float = 0.1):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(
       scale * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def tiny_vae(directory: str, size: int):
+  """A random f8 AutoencoderKL of width 8, saved to `directory` (what
+  jdit.vae.load_vae reads); returns (module, params)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jdit import vae  # pylint: disable=g-import-not-at-top
+  module = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8),
+                             layers_per_block=1, norm_num_groups=4)
+  params = module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                       method="encode")["params"]
+  vae.save_vae(directory, module, params)
+  return module, params

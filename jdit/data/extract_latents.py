@@ -22,6 +22,10 @@ On several hosts (the same command on each, after jax.distributed starts),
 host h encodes the h-th contiguous slice of the images into --out.tmp, which
 must be on a shared filesystem; host 0 then writes the TFDS metadata and
 renames --out.tmp to --out. Nothing half-written ever sits at --out.
+
+With --buckets (jdit.data.buckets) each image goes to the aspect-ratio
+bucket nearest its own and --out holds one such dataset per bucket,
+--out/<h>x<w>/, listed in --out/buckets.json.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import numpy as np
 from array_record.python import array_record_module
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdit.data import imagenet, latents
+from jdit.data import buckets, imagenet, latents
 
 SHARD_PREFIX = f"{latents.DATASET_NAME}-{{split}}.array_record"
 
@@ -70,6 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workers", type=int, default=16, help="decode threads")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out")
+  p.add_argument("--buckets", default="",
+                 help="aspect-ratio buckets (jdit.data.buckets): 'auto' "
+                 "(area --image_size^2, see --max_aspect, --bucket_step) or "
+                 "HEIGHTxWIDTH,... in pixels; each image is cropped to the "
+                 "bucket nearest its aspect ratio, one dataset per bucket")
+  p.add_argument("--max_aspect", type=float, default=2.0,
+                 help="auto buckets: the widest and tallest ratio")
+  p.add_argument("--bucket_step", type=int, default=0,
+                 help="auto buckets: sides are multiples of this many pixels "
+                 "(default twice the VAE's factor: even latent sides)")
   p.add_argument("--store_images", action="store_true",
                  help="also store each (cropped, flipped) uint8 image, for "
                       "REPA's encoder (--image_size^2 x 3 bytes an example)")
@@ -152,9 +166,36 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _bucket_shapes(args, factor: int) -> list[tuple[int, int]] | None:
+  """The (height, width) pixel buckets --buckets asks for; None without."""
+  if not args.buckets:
+    return None
+  if args.buckets == "auto":
+    shapes = buckets.aspect_buckets(args.image_size,
+                                    args.bucket_step or 2 * factor,
+                                    args.max_aspect)
+  else:
+    shapes = buckets.parse_buckets(args.buckets)
+  buckets.check_buckets(shapes, factor)
+  return shapes
+
+
+def _assign(source, shapes, tmp: str, host: int, hosts: int) -> np.ndarray:
+  """Bucket index of every image; each host reads its slice's headers."""
+  part = imagenet.host_slice(len(source), host, hosts)
+  sizes = source.sizes(range(part.start, part.stop))
+  if hosts > 1:
+    np.save(os.path.join(tmp, f"sizes{host:05d}.npy"), sizes)
+    _sync("extract_latents_sizes")
+    sizes = np.concatenate([np.load(os.path.join(tmp, f"sizes{h:05d}.npy"))
+                            for h in range(hosts)])
+  return buckets.nearest_bucket(sizes, shapes)
+
+
 def extract(args: argparse.Namespace) -> dict:
   """Runs the extraction described by `args` (see parse_args); returns the
-  statistics written to latent_stats.json (on host 0; {} elsewhere)."""
+  statistics written to latent_stats.json, or with --buckets those of
+  buckets.json (on host 0; {} elsewhere)."""
   host, hosts = jax.process_index(), jax.process_count()
   out = os.path.abspath(os.path.expanduser(args.out))
   tmp = out + ".tmp"
@@ -172,24 +213,62 @@ def extract(args: argparse.Namespace) -> dict:
   if args.image_size < f or args.image_size % f:
     raise ValueError(f"--image_size {args.image_size} must be a positive "
                      f"multiple of the VAE's downsampling factor {f}")
+  shapes = _bucket_shapes(args, f)
   source = imagenet.open_source(
       args.source, data_dir=args.data_dir, folder=args.folder,
       split=args.split, image_size=args.image_size, workers=args.workers)
-  side = args.image_size // f
-  shape = (side, side, module.latent_channels)
-  image_shape = ((args.image_size, args.image_size, 3) if args.store_images
-                 else None)
-  feats = latents.features(shape, source.classes, np.dtype(args.dtype),
-                           image_shape=image_shape)
-  copies = 2 if args.flip == "both" else 1
-  encode, ndev = make_encoder(module, params)
-  step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
-
   if host == 0:
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftovers
     os.makedirs(tmp)
   _sync("extract_latents_start")
-  writer = _ShardWriter(tmp, host, feats, args.examples_per_shard)
+  if shapes is None:
+    jobs = [("", source)]
+  else:  # one dataset per bucket that got images, in tmp/<h>x<w>
+    assigned = _assign(source, shapes, tmp, host, hosts)
+    jobs = [(buckets.bucket_name(shape),
+             source.subset(np.flatnonzero(assigned == b), shape))
+            for b, shape in enumerate(shapes) if np.any(assigned == b)]
+  encoder = make_encoder(module, params)
+  for name, part in jobs:
+    _encode_into(args, part, os.path.join(tmp, name), host, hosts, module,
+                 encoder)
+  _sync("extract_latents_written")
+  stats = {}
+  if host == 0:
+    for h in range(hosts if shapes is not None and hosts > 1 else 0):
+      os.remove(os.path.join(tmp, f"sizes{h:05d}.npy"))
+    stats = {name: _finalize(args, os.path.join(tmp, name), hosts, module,
+                             part, bucketed=shapes is not None)
+             for name, part in jobs}
+    if shapes is None:
+      stats = stats[""]
+    else:
+      stats = {"source": args.source, "folder": args.folder,
+               "split": args.split, "num_images": len(source),
+               "buckets": [{"name": name, **{k: stats[name][k] for k in (
+                   "image_size", "latent_shape", "num_images",
+                   "num_examples")}} for name, _ in jobs]}
+      with open(os.path.join(tmp, buckets.BUCKETS_FILE), "w") as fh:
+        json.dump(stats, fh, indent=2)
+    _publish(tmp, out)
+  _sync("extract_latents_done")
+  return stats
+
+
+def _encode_into(args, source, directory, host, hosts, module, encoder):
+  """Encodes this host's slice of `source` into shards in `directory`, and
+  their lengths and moment sums into directory/host<h>.json."""
+  os.makedirs(directory, exist_ok=True)
+  f = module.downsample_factor
+  height, width = source.crop_shape
+  shape = (height // f, width // f, module.latent_channels)
+  image_shape = (height, width, 3) if args.store_images else None
+  feats = latents.features(shape, source.classes, np.dtype(args.dtype),
+                           image_shape=image_shape)
+  copies = 2 if args.flip == "both" else 1
+  encode, ndev = encoder
+  step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
+  writer = _ShardWriter(directory, host, feats, args.examples_per_shard)
   sums = np.zeros((3, shape[-1]), np.float64)  # mean, mean^2, std^2
   pending = None
 
@@ -210,7 +289,7 @@ def extract(args: argparse.Namespace) -> dict:
   import tqdm  # pylint: disable=g-import-not-at-top
   part = imagenet.host_slice(len(source), host, hosts)
   bar = tqdm.tqdm(total=part.stop - part.start, unit="img",
-                  disable=host != 0, desc=f"encode {args.image_size}px")
+                  disable=host != 0, desc=f"encode {height}x{width}px")
   for images, labels in _prefetch(source.batches(step // copies, host,
                                                  hosts)):
     rows = images
@@ -230,41 +309,40 @@ def extract(args: argparse.Namespace) -> dict:
     drain(pending)
   bar.close()
   lengths = writer.close()
-  with open(os.path.join(tmp, f"host{host:05d}.json"), "w") as fh:
-    json.dump({"lengths": lengths, "sums": sums.tolist()}, fh)
-  _sync("extract_latents_written")
-  stats = {}
-  if host == 0:
-    stats = _finalize(args, tmp, out, feats, hosts, shape, module, source)
-  _sync("extract_latents_done")
-  return stats
+  with open(os.path.join(directory, f"host{host:05d}.json"), "w") as fh:
+    json.dump({"lengths": lengths, "sums": sums.tolist(),
+               "shape": list(shape), "image_shape": image_shape}, fh)
 
 
-def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
-  """Host 0: names the shards as TFDS does, writes metadata and stats, and
-  moves the finished dataset to `out`."""
+def _finalize(args, directory, hosts, module, source, bucketed) -> dict:
+  """Host 0: names the shards in `directory` as TFDS does, writes metadata
+  and latent_stats.json; returns the statistics."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  lengths, sums = [], np.zeros((3, shape[-1]), np.float64)
-  parts = []
+  lengths, sums, parts = [], 0.0, []
   for h in range(hosts):
-    path = os.path.join(tmp, f"host{h:05d}.json")
+    path = os.path.join(directory, f"host{h:05d}.json")
     with open(path) as fh:
       info = json.load(fh)
     os.remove(path)
     parts += [(h, k) for k in range(len(info["lengths"]))]
     lengths += info["lengths"]
-    sums += np.asarray(info["sums"])
+    sums = sums + np.asarray(info["sums"])
+  shape = tuple(info["shape"])
+  feats = latents.features(shape, source.classes, np.dtype(args.dtype),
+                           image_shape=info["image_shape"])
   prefix = SHARD_PREFIX.format(split=args.split)
   for i, (h, k) in enumerate(parts):
-    os.rename(os.path.join(tmp, f"host{h:05d}-{k:05d}"),
-              os.path.join(tmp, f"{prefix}-{i:05d}-of-{len(parts):05d}"))
+    os.rename(os.path.join(directory, f"host{h:05d}-{k:05d}"),
+              os.path.join(directory,
+                           f"{prefix}-{i:05d}-of-{len(parts):05d}"))
   total = sum(lengths)
+  size = list(source.crop_shape) if bucketed else args.image_size
   tfds.folder_dataset.write_metadata(
-      data_dir=tmp, features=feats, check_data=False,
+      data_dir=directory, features=feats, check_data=False,
       split_infos=[tfds.core.SplitInfo(name=args.split, shard_lengths=lengths,
                                        num_bytes=0)],
       description=f"VAE latent moments of {args.source} "
-      f"({args.image_size}px), written by jdit.data.extract_latents.")
+      f"({size}px), written by jdit.data.extract_latents.")
   count = total * shape[0] * shape[1]
   mean = sums[0] / count
   std = np.sqrt(np.maximum(sums[1] / count - mean ** 2 + sums[2] / count, 0))
@@ -276,7 +354,7 @@ def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
     divisor = np.asarray(module.latents_std, np.float64)
   stats = {
       "source": args.source, "folder": args.folder, "split": args.split,
-      "image_size": args.image_size, "latent_shape": list(shape),
+      "image_size": size, "latent_shape": list(shape),
       "num_examples": total, "num_images": len(source),
       "flip": args.flip, "num_classes": source.num_classes,
       "images": bool(args.store_images),
@@ -291,9 +369,15 @@ def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
       "scaled_channel_mean": ((mean - shift) / divisor * scale).tolist(),
       "scaled_channel_std": (std / divisor * scale).tolist(),
   }
-  with open(os.path.join(tmp, latents.STATS_FILE), "w") as fh:
+  with open(os.path.join(directory, latents.STATS_FILE), "w") as fh:
     json.dump(stats, fh, indent=2)
-  if os.path.exists(out):  # --overwrite: swap, then drop the old one
+  return stats
+
+
+def _publish(tmp: str, out: str) -> None:
+  """Moves the finished dataset to `out` (--overwrite: swap, then drop the
+  old one), so nothing half-written ever sits at `out`."""
+  if os.path.exists(out):
     old = out + ".old"
     shutil.rmtree(old, ignore_errors=True)
     os.rename(out, old)
@@ -301,7 +385,6 @@ def _finalize(args, tmp, out, feats, hosts, shape, module, source) -> dict:
     shutil.rmtree(old)
   else:
     os.rename(tmp, out)
-  return stats
 
 
 def _list_or_none(values):
@@ -313,9 +396,9 @@ def main(argv=None) -> None:
   sharding.maybe_initialize_distributed()
   stats = extract(parse_args(argv))
   if stats:
-    print(json.dumps({k: stats[k] for k in (
-        "num_examples", "latent_shape", "scale_factor", "scaled_channel_std")
-                      }), file=sys.stderr)
+    print(json.dumps(stats["buckets"] if "buckets" in stats else {
+        k: stats[k] for k in ("num_examples", "latent_shape", "scale_factor",
+                              "scaled_channel_std")}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -56,21 +56,34 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
   Returns:
     (size, size, 3) uint8 array.
   """
-  if size < 1:
-    raise ValueError(f"image size must be >= 1, got {size}")
+  return cover_crop(image, size, size)
+
+
+def cover_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
+  """ADM's centre crop generalised to a (height, width) box: the image is
+  scaled (aspect kept) to the smallest size that covers the box, then the
+  box is cut from its centre. For a square box it is exactly ADM's
+  `center_crop_arr`; aspect-ratio buckets (jdit.data.buckets) use the rest.
+
+  Returns:
+    (height, width, 3) uint8 array.
+  """
+  if height < 1 or width < 1:
+    raise ValueError(f"image size must be >= 1, got {height}x{width}")
   image = image.convert("RGB")
   # Repeated 2x BOX downsampling first: a single large BICUBIC resize would
   # alias; halving with a box filter is exact area averaging.
-  while min(image.size) >= 2 * size:
+  while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
     image = image.resize(tuple(s // 2 for s in image.size),
                          resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(s * scale) for s in image.size),
+  scale = max(width / image.size[0], height / image.size[1])
+  image = image.resize((max(width, round(image.size[0] * scale)),
+                        max(height, round(image.size[1] * scale))),
                        resample=Image.BICUBIC)
   arr = np.asarray(image)
-  top = (arr.shape[0] - size) // 2
-  left = (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  top = (arr.shape[0] - height) // 2
+  left = (arr.shape[1] - width) // 2
+  return arr[top:top + height, left:left + width]
 
 
 def hflip(images: np.ndarray) -> np.ndarray:
@@ -92,15 +105,28 @@ def host_slice(n: int, process_index: int, process_count: int) -> slice:
                n * (process_index + 1) // process_count)
 
 
-def decode_crop(encoded: bytes | str, size: int) -> np.ndarray:
-  """An image file path or encoded bytes -> its (size, size, 3) ADM crop."""
+def _open(encoded: bytes | str, what):
+  """Opens an image file path or encoded bytes and applies `what` to it."""
   src = io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded
   try:
     with Image.open(src) as image:
-      return center_crop_arr(image, size)
+      return what(image)
   except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is OSError
     name = "an image record" if isinstance(encoded, bytes) else repr(encoded)
     raise ValueError(f"cannot decode {name}: {e}") from e
+
+
+def decode_crop(encoded: bytes | str, size: int | tuple[int, int]
+                ) -> np.ndarray:
+  """An image file path or encoded bytes -> its ADM crop: (size, size, 3),
+  or (height, width, 3) for size = (height, width)."""
+  h, w = (size, size) if isinstance(size, int) else size
+  return _open(encoded, lambda image: cover_crop(image, h, w))
+
+
+def header_size(encoded: bytes | str) -> tuple[int, int]:
+  """(width, height) of an image, from its header alone (no decoding)."""
+  return _open(encoded, lambda image: image.size)
 
 
 class _CroppedImages:
@@ -112,6 +138,7 @@ class _CroppedImages:
     if image_size < 1:
       raise ValueError(f"image_size must be >= 1, got {image_size}")
     self.image_size = image_size
+    self.crop_shape = (image_size, image_size)  # (height, width)
     # Threads suffice: PIL releases the GIL while decoding and resizing.
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
 
@@ -129,7 +156,7 @@ class _CroppedImages:
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
     encoded, labels = self._encoded([int(i) for i in indices])
     images = self._pool.map(
-        functools.partial(decode_crop, size=self.image_size), encoded)
+        functools.partial(decode_crop, size=self.crop_shape), encoded)
     return [{"image": image, "label": np.int64(label)}
             for image, label in zip(images, labels)]
 
@@ -138,17 +165,54 @@ class _CroppedImages:
       raise IndexError(f"index {index} out of range for {len(self)} images")
     return self.__getitems__([index % len(self)])[0]
 
+  def sizes(self, indices: Sequence[int]) -> np.ndarray:
+    """(len(indices), 2) int array of the stored images' (width, height),
+    read from their headers."""
+    encoded, _ = self._encoded([int(i) for i in indices])
+    return np.asarray(list(self._pool.map(header_size, encoded)),
+                      np.int64).reshape(-1, 2)
+
+  def subset(self, indices: Sequence[int], crop_shape: tuple[int, int]
+             ) -> "_CroppedImages":
+    """The images at `indices` (in that order), cropped to (height, width)
+    `crop_shape`: one aspect-ratio bucket (jdit.data.buckets)."""
+    return _Subset(self, indices, crop_shape)
+
   def batches(self, batch_size: int, process_index: int = 0,
               process_count: int = 1
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """This host's contiguous slice, in order, as (uint8 (b, s, s, 3), int64
-    labels (b,)); the hosts' slices concatenate to the whole dataset."""
+    """This host's contiguous slice, in order, as (uint8 (b, h, w, 3) crops,
+    int64 labels (b,)); the hosts' slices concatenate to the whole
+    dataset."""
     part = host_slice(len(self), process_index, process_count)
     for start in range(part.start, part.stop, batch_size):
       examples = self.__getitems__(
           range(start, min(start + batch_size, part.stop)))
       yield (np.stack([ex["image"] for ex in examples]),
              np.asarray([ex["label"] for ex in examples], np.int64))
+
+
+class _Subset(_CroppedImages):
+  """Some of a source's images, in a given order, cropped to another shape."""
+
+  def __init__(self, parent: _CroppedImages, indices: Sequence[int],
+               crop_shape: tuple[int, int]):
+    if len(crop_shape) != 2 or min(crop_shape) < 1:
+      raise ValueError(f"crop_shape must be (height, width) >= 1, got "
+                       f"{crop_shape}")
+    self._parent = parent
+    self._indices = np.asarray(indices, np.int64)
+    self.classes = parent.classes
+    self.image_size = max(crop_shape)
+    self.crop_shape = tuple(int(v) for v in crop_shape)
+    self._pool = parent._pool  # pylint: disable=protected-access
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def _encoded(self, indices):
+    # pylint: disable-next=protected-access
+    return self._parent._encoded([int(self._indices[i]) for i in indices])
 
 
 class ImageFolder(_CroppedImages):

@@ -30,6 +30,7 @@ the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -37,6 +38,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jdit.data import buckets
 from jdit.data.pipeline import DATASETS, DatasetSpec
 # The factor comes from the VAE's config; extract_latents records the factor
 # of the VAE it used, and load() checks that it agrees with the spec's.
@@ -181,11 +183,39 @@ def from_directory(data_dir: str) -> DatasetSpec:
   if not data_dir:
     raise ValueError("dataset 'latents' needs config.data.data_dir: the --out "
                      "directory of jdit.data.extract_latents")
-  stats = read_stats(os.path.expanduser(data_dir))
+  directory = os.path.expanduser(data_dir)
+  if os.path.isfile(os.path.join(directory, buckets.BUCKETS_FILE)):
+    return _bucketed(directory)
+  stats = read_stats(directory)
   return _spec("latents", tuple(stats["latent_shape"]), stats["num_classes"],
                scale_factor=stats["scale_factor"],
                latents_mean=stats.get("latents_mean"),
                latents_std=stats.get("latents_std"))
+
+
+def _bucketed(directory: str) -> DatasetSpec:
+  """An extraction with --buckets: one latent dataset per aspect-ratio
+  bucket in directory/<h>x<w>/ (jdit.data.buckets), listed in
+  buckets.json; `load` returns their sources in that order."""
+  with open(os.path.join(directory, buckets.BUCKETS_FILE)) as f:
+    names = [b["name"] for b in json.load(f)["buckets"]]
+  stats = [read_stats(os.path.join(directory, n)) for n in names]
+  shapes = tuple(tuple(s["latent_shape"]) for s in stats)
+  norm = dict(scale_factor=stats[0]["scale_factor"],
+              latents_mean=stats[0].get("latents_mean"),
+              latents_std=stats[0].get("latents_std"))
+  num_classes = max(s["num_classes"] for s in stats)
+  largest = max(shapes, key=lambda s: s[0] * s[1])
+  spec = _spec("latents", largest, num_classes, **norm)
+  # Each bucket's load checks its file against the common normalisation.
+  load_one = [functools.partial(load, name=f"latents ({n})", shape=shape,
+                                num_classes=num_classes, **norm)
+              for n, shape in zip(names, shapes)]
+  return dataclasses.replace(
+      spec, buckets=shapes,
+      load=lambda split, data_dir: [
+          fn(split, os.path.join(data_dir, n))
+          for fn, n in zip(load_one, names)])
 
 
 DATASETS["latents"] = from_directory

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jdit.data import buckets
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -45,6 +47,7 @@ class DatasetSpec:
   builder_module: str | None = None
   random: bool = False
   load: Callable[[str, str], Any] | None = None
+  buckets: tuple[tuple[int, ...], ...] = ()
 
 
 def uint8_images(batch: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -87,14 +90,36 @@ def load_source(name: str, split: str = "train", data_dir: str = ""):
   return builder.as_data_source(split=split)
 
 
-class InputPipeline:
+class _Prefetching:
+  """batch(step) = load(step), with batch step + 1 loaded in the background
+  (the train loop asks for consecutive steps)."""
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._pending: dict[int, Any] = {}
+
+  def load(self, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """Returns batch `step` and starts loading batch `step + 1`."""
+    future = self._pending.pop(step, None)
+    out = future.result() if future is not None else self.load(step)
+    self._pending = {step + 1: self._pool.submit(self.load, step + 1)}
+    return out
+
+
+class InputPipeline(_Prefetching):
   """Host-local batches of a global batch, by step; prefetches one ahead."""
 
   def __init__(self, source, spec: DatasetSpec, *, global_batch_size: int,
-               seed: int, process_index: int = 0, process_count: int = 1,
-               flip: bool = False, images: bool = False):
+               seed: int | tuple[int, ...], process_index: int = 0,
+               process_count: int = 1, flip: bool = False,
+               images: bool = False):
     """`images`: batches also carry the examples' stored uint8 "image"
-    (flipped with x), e.g. for REPA on latents."""
+    (flipped with x), e.g. for REPA on latents. `seed` may be a tuple (one
+    stream of several, as BucketedPipeline's buckets)."""
+    super().__init__()
     if global_batch_size % process_count:
       raise ValueError(f"batch_size {global_batch_size} must be divisible by "
                        f"the number of hosts {process_count}")
@@ -105,7 +130,7 @@ class InputPipeline:
       raise ValueError("the dataset split is empty")
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
-    self.seed = seed
+    self.seed = (seed,) if isinstance(seed, int) else tuple(seed)
     self.offset = process_index * self.local_batch_size
     self.flip = flip
     self.images = images
@@ -114,12 +139,10 @@ class InputPipeline:
           f"the dataset stores no images beside its examples (it has "
           f"{sorted(source[0])}); for latents, extract them with "
           f"--store_images")
-    self._pool = concurrent.futures.ThreadPoolExecutor(1)
-    self._pending: dict[int, Any] = {}
 
   @functools.lru_cache(maxsize=4)
   def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+    return np.random.default_rng([*self.seed, epoch]).permutation(self.size)
 
   def indices(self, step: int) -> np.ndarray:
     """Dataset indices of this host's part of global batch `step`."""
@@ -129,11 +152,12 @@ class InputPipeline:
     return np.array([self._permutation(int(e))[w]
                      for e, w in zip(epochs, within)])
 
-  def _load(self, step: int) -> dict[str, np.ndarray]:
+  def load(self, step: int) -> dict[str, np.ndarray]:
+    """This host's part of global batch `step` (no prefetching)."""
     examples = self.source.__getitems__(self.indices(step).tolist())
     batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
     if self.spec.random:
-      rngs = [np.random.default_rng([self.seed, 2, step, self.offset + i])
+      rngs = [np.random.default_rng([*self.seed, 2, step, self.offset + i])
               for i in range(self.local_batch_size)]
       x, y = self.spec.to_model(batch, rngs)
     else:
@@ -145,16 +169,67 @@ class InputPipeline:
     if self.images:
       out["image"] = batch["image"]
     if self.flip:
-      rng = np.random.default_rng([self.seed, 1, step])
+      rng = np.random.default_rng([*self.seed, 1, step])
       mask = rng.random(self.global_batch_size)[
           self.offset:self.offset + self.local_batch_size] < 0.5
       out = {k: np.where(mask[:, None, None, None], v[:, :, ::-1], v)
              if k != "y" else v for k, v in out.items()}
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """Returns batch `step` and starts loading batch `step + 1`."""
-    future = self._pending.pop(step, None)
-    out = future.result() if future is not None else self._load(step)
-    self._pending = {step + 1: self._pool.submit(self._load, step + 1)}
-    return out
+
+class BucketedPipeline(_Prefetching):
+  """Batches from aspect-ratio buckets (jdit.data.buckets), one bucket a
+  batch, by step.
+
+  An epoch holds len(bucket) // global_batch_size batches of every bucket in
+  an order seeded by (seed, epoch); batch k of bucket b is batch k of an
+  InputPipeline over b alone (seed (seed, b)). So batch `step` is a pure
+  function of (seed, step), as for InputPipeline: resuming needs only the
+  step, and the hosts agree on each step's bucket. Buckets smaller than one
+  global batch are left out (`skipped` lists them).
+  """
+
+  def __init__(self, sources, spec: DatasetSpec, *, global_batch_size: int,
+               seed: int, **kwargs):
+    super().__init__()
+    if len(sources) != len(spec.buckets):
+      raise ValueError(f"{len(sources)} sources for {len(spec.buckets)} "
+                       f"buckets")
+    counts = [len(s) // global_batch_size for s in sources]
+    self.skipped = [(shape, len(s)) for shape, s, c
+                    in zip(spec.buckets, sources, counts) if c == 0]
+    if not any(counts):
+      raise ValueError(f"no bucket holds a whole batch of {global_batch_size} "
+                       f"examples (bucket sizes: "
+                       f"{[len(s) for s in sources]}); lower batch_size")
+    self.seed = seed
+    self.counts = counts
+    self.steps_per_epoch = sum(counts)
+    self.shapes = spec.buckets
+    self.pipelines = [
+        InputPipeline(s, spec, global_batch_size=global_batch_size,
+                      seed=(seed, b), **kwargs) if c else None
+        for b, (s, c) in enumerate(zip(sources, counts))]
+
+  @functools.lru_cache(maxsize=2)
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    return buckets.schedule(self.counts, self.seed, epoch)
+
+  def locate(self, step: int) -> tuple[int, int]:
+    """(bucket, batch of that bucket) that global batch `step` is."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    order, rank = self._epoch(epoch)
+    b = int(order[i])
+    return b, epoch * self.counts[b] + int(rank[i])
+
+  def load(self, step: int) -> dict[str, np.ndarray]:
+    bucket, k = self.locate(step)
+    return self.pipelines[bucket].load(k)
+
+
+def make_pipeline(source, spec: DatasetSpec, **kwargs) -> _Prefetching:
+  """The pipeline for `source` (load_source's): an InputPipeline, or a
+  BucketedPipeline for a dataset of aspect-ratio buckets."""
+  if spec.buckets:
+    return BucketedPipeline(source, spec, **kwargs)
+  return InputPipeline(source, spec, **kwargs)

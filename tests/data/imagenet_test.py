@@ -3,7 +3,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -12,6 +11,7 @@ from PIL import Image
 from jdit import data, vae
 from jdit import train as train_lib
 from jdit.data import extract_latents, imagenet, latents
+from tests.conftest import tiny_vae
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 4, 32
 CLASS_DIRS = ("n02_dog", "n01_cat", "n03_fox")  # label = sorted position
@@ -118,19 +118,10 @@ def test_image_folder_labels_from_sorted_class_dirs(folder, tmp_path):
     imagenet.ImageFolder(str(tmp_path), SIZE)[0]
 
 
-def _tiny_vae(directory):
-  module = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8),
-                             layers_per_block=1, norm_num_groups=4)
-  params = module.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                       method="encode")["params"]
-  vae.save_vae(directory, module, params)
-  return module, params
-
-
 @pytest.fixture(scope="module")
 def extracted(folder, tmp_path_factory):
   vae_dir = str(tmp_path_factory.mktemp("vae"))
-  module, params = _tiny_vae(vae_dir)
+  module, params = tiny_vae(vae_dir, SIZE)
   out = str(tmp_path_factory.mktemp("latents") / "tiny")
   args = ["--source", "folder", "--folder", folder, "--image_size",
           str(SIZE), "--vae", vae_dir, "--out", out, "--batch_size", "8",
