@@ -28,7 +28,9 @@
 
    Variants: `configs/dit_imagenet256.py:model=DiT-B/2`, and
    `configs/dit_imagenet256.py:res=512` (= configs/dit_imagenet512.py, 64x64x4
-   latents from --image_size 512, dataset imagenet512_latents).
+   latents from --image_size 512, dataset imagenet512_latents). At native
+   aspect ratios: extract with `--buckets auto` (jdit/data/buckets.py) and
+   train with `--config.data.name=latents` on that --out.
 
 3. Sample: python sample.py --checkpoint runs/dit_xl2_256/checkpoints
    --cfg_scale 1.5 --steps 250 (decodes with config.vae).

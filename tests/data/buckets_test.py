@@ -7,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from jdit import data
@@ -181,11 +182,14 @@ def bucketed(tmp_path_factory):
   vae_dir = str(tmp_path_factory.mktemp("vae"))
   module, params = tiny_vae(vae_dir, 32)
   out = str(tmp_path_factory.mktemp("latents") / "buckets")
-  extract_latents.main(
-      ["--source", "folder", "--folder", str(root), "--image_size", "32",
-       "--vae", vae_dir, "--out", out, "--batch_size", "8", "--dtype",
-       "float32", "--buckets", "auto", "--bucket_step", "8"])
+  extract_latents.main(_extract_args(str(root), vae_dir, out))
   return str(root), out, module, params, vae_dir
+
+
+def _extract_args(folder, vae_dir, out):
+  return ["--source", "folder", "--folder", folder, "--image_size", "32",
+          "--vae", vae_dir, "--out", out, "--batch_size", "8", "--dtype",
+          "float32", "--buckets", "auto", "--bucket_step", "8"]
 
 
 def test_extract_latents_into_buckets(bucketed):
@@ -220,6 +224,38 @@ def test_extract_latents_into_buckets(bucketed):
   # One bucket is a latent dataset of its own.
   assert data.get_spec("latents", os.path.join(out, "24x40")).shape == (
       3, 5, 4)
+
+
+def test_two_hosts_write_the_same_buckets(bucketed, monkeypatch, tmp_path):
+  # Two hosts in one process: host 0 stops at the barrier after writing its
+  # image sizes while host 1 runs whole (its barriers pass: host 0's part
+  # is on disk, or host 1 does not need it); then host 0 finishes.
+  root, one_host, _, _, vae_dir = bucketed
+  out = str(tmp_path / "two")
+  host = [0]
+  monkeypatch.setattr(jax, "process_index", lambda: host[0])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+  def barrier(name):
+    if name == "extract_latents_sizes" and host[0] == 0:
+      host[0] = 1
+      extract_latents.main(_extract_args(root, vae_dir, out))
+      host[0] = 0
+
+  monkeypatch.setattr(extract_latents, "_sync", barrier)
+  extract_latents.main(_extract_args(root, vae_dir, out))
+  for name in ("40x24", "32x32", "24x40"):
+    a = tfds.builder_from_directory(os.path.join(one_host, name))
+    b = tfds.builder_from_directory(os.path.join(out, name))
+    a, b = a.as_data_source("train"), b.as_data_source("train")
+    assert len(a) == len(b) == 12
+    for i in range(12):
+      np.testing.assert_allclose(a[i]["latent_mean"], b[i]["latent_mean"],
+                                 atol=1e-5)
+      assert a[i]["label"] == b[i]["label"]
+  with open(os.path.join(out, buckets.BUCKETS_FILE)) as f:
+    assert [b["num_examples"] for b in json.load(f)["buckets"]] == [12] * 3
+  assert not [f for f in os.listdir(out) if f.endswith(".npy")]
 
 
 def _config(tiny_config, out):
