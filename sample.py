@@ -7,6 +7,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
         [--cfg_rescale 0.7]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
         [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
+        [--cache_router router.json]
         [--input_size 64 [--extrapolation ntk]]
 
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jdit import (checkpoint, diffusion, evaluation, feature_cache,
-                  sampling, sharding)
+                  learn_cache, sampling, sharding)
 from jdit.models.embed import EXTRAPOLATIONS
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint dir.",
@@ -62,6 +63,10 @@ _CACHE_WARMUP = flags.DEFINE_integer(
 _CACHE_BLOCKS = flags.DEFINE_string(
     "cache_blocks", "", "Feature caching: 'first,stop', the blocks that may "
     "reuse updates; '' = all.")
+_CACHE_ROUTER = flags.DEFINE_string(
+    "cache_router", "", "Feature caching by a learned schedule: the router "
+    "file of `python -m jdit.learn_cache` (for this sampler and step count); "
+    "replaces --cache_interval/warmup/blocks.")
 _INPUT_SIZE = flags.DEFINE_string(
     "input_size", "", "Sample at another resolution: the model input's side "
     "or 'rows,cols' (latent models: in latents, the image size / 8 with the "
@@ -81,7 +86,19 @@ def parse_interval(text: str) -> tuple[float, float]:
   return lo, hi
 
 
-def parse_cache() -> feature_cache.FeatureCache | None:
+def parse_cache(objective) -> feature_cache.FeatureCache | None:
+  if _CACHE_ROUTER.value:
+    if (_CACHE_INTERVAL.value, _CACHE_WARMUP.value, _CACHE_BLOCKS.value) != (
+        1, 0, ""):
+      raise app.UsageError("--cache_router replaces --cache_interval, "
+                           "--cache_warmup and --cache_blocks")
+    sampler, steps, _ = objective.check_sampler(_SAMPLER.value or None,
+                                                _STEPS.value or None, {})
+    try:
+      cache = learn_cache.load_router(_CACHE_ROUTER.value, sampler, steps)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    return cache if cache.active else None
   blocks = None
   if _CACHE_BLOCKS.value:
     try:
@@ -138,13 +155,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed()
   params, config = checkpoint.load_for_sampling(_CKPT.value)
-  cache = parse_cache()
   if _SHIFT.value:
     if config.objective != "flow":
       raise app.UsageError(f"--shift applies to flow checkpoints; this one's "
                            f"objective is {config.objective!r}")
     config.diffusion.flow.sample_shift = _SHIFT.value
   model, objective = sampling.model_from_config(resize(config))
+  cache = parse_cache(objective)
   k = model.num_classes
   if _LABELS.value:
     base = np.array([int(v) for v in _LABELS.value.split(",")])

@@ -37,6 +37,10 @@ class FeatureCache:
       start, where features move fastest).
     blocks: ``(first, stop)``: only blocks ``first <= i < stop`` reuse their
       cached update, the others are always computed; None = all blocks.
+    schedule: instead of the three above, a table of bools, one row per
+      evaluation and one column per block: True computes the block, False
+      reuses its update (a learned schedule, jdit.learn_cache); evaluations
+      past the table compute every block.
 
   Evaluation 0 always computes every block. Evaluations are counted per
   network call: one per step for euler/ddpm/ddim/dpm++/sde, two for heun;
@@ -46,6 +50,7 @@ class FeatureCache:
   interval: int = 1
   warmup: int = 0
   blocks: tuple[int, int] | None = None
+  schedule: tuple[tuple[bool, ...], ...] | None = None
 
   def __post_init__(self):
     if isinstance(self.interval, bool) or not isinstance(
@@ -64,19 +69,47 @@ class FeatureCache:
         raise ValueError(f"feature cache blocks must be (first, stop) with "
                          f"0 <= first < stop, got {self.blocks!r}")
       object.__setattr__(self, "blocks", tuple(self.blocks))
+    if self.schedule is not None:
+      if (self.interval, self.warmup, self.blocks) != (1, 0, None):
+        raise ValueError("a feature cache schedule replaces interval, warmup "
+                         "and blocks; leave those at their defaults")
+      table = tuple(tuple(bool(v) for v in row) for row in self.schedule)
+      if not table or len({len(row) for row in table}) != 1 or not table[0]:
+        raise ValueError("a feature cache schedule must be a non-empty table "
+                         "(evaluations x blocks) of equal rows")
+      object.__setattr__(self, "schedule", table)
 
   @property
   def active(self) -> bool:
+    if self.schedule is not None:
+      return not all(all(row) for row in self.schedule)
     return self.interval > 1
 
   def check_depth(self, num_blocks: int) -> None:
     if self.blocks is not None and self.blocks[1] > num_blocks:
       raise ValueError(f"feature cache blocks {self.blocks} exceed the "
                        f"model's {num_blocks} cacheable blocks")
+    if self.schedule is not None and len(self.schedule[0]) != num_blocks:
+      raise ValueError(f"the feature cache schedule has "
+                       f"{len(self.schedule[0])} blocks a row, but the model "
+                       f"has {num_blocks} cacheable blocks")
+
+  def check_evaluations(self, evaluations: int) -> None:
+    """A schedule is learned for one sampler and step count: its rows must
+    be the run's network evaluations."""
+    if self.schedule is not None and len(self.schedule) != evaluations:
+      raise ValueError(f"the feature cache schedule has {len(self.schedule)} "
+                       f"rows (network evaluations), but this sampler and "
+                       f"step count make {evaluations}; learn one for them "
+                       f"(python -m jdit.learn_cache)")
 
   def refresh(self, count, num_blocks: int):
     """Bool ``(num_blocks,)``: which blocks evaluation ``count`` computes."""
     count = jnp.asarray(count)
+    if self.schedule is not None:
+      table = jnp.asarray(self.schedule, bool)
+      row = table[jnp.clip(count, 0, len(self.schedule) - 1)]
+      return row | (count >= len(self.schedule))
     everything = (count < self.warmup) | (
         (count - self.warmup) % self.interval == 0)
     i = jnp.arange(num_blocks)

@@ -97,6 +97,8 @@ class Sampler:
     self.decode = decode
     sampler, steps, _ = objective.check_sampler(sampler, steps, options)
     self.sampler, self.steps = sampler, steps
+    if cache is not None:
+      cache.check_evaluations(objective.evaluations(sampler, steps))
     self.shape = model.input_shape
 
     def run(params, key, y):

@@ -154,8 +154,8 @@ class DDPM(objective.Objective):
       return (x + c_noise * z if stochastic else x, state), None
 
     xs = (jnp.asarray(idx, jnp.int32), model_t, keys, consts)
-    (x, _), _ = jax.lax.scan(body, (noise, state), xs)
-    return x
+    (x, state), _ = jax.lax.scan(body, (noise, state), xs)
+    return x, state
 
   def dpm_grid(self, steps, grid):
     """Fractional timesteps for dpm++: ``steps`` points from T-1 down to 0.
@@ -228,6 +228,6 @@ class DDPM(objective.Objective):
       return (x, x0, state), None
 
     xs = tuple(f32(v) for v in (ts, alpha, sigma, a, bb, w_cur, w_prev))
-    (_, x0, _), _ = jax.lax.scan(
+    (_, x0, state), _ = jax.lax.scan(
         body, (noise, jnp.zeros_like(noise), state), xs)
-    return x0
+    return x0, state

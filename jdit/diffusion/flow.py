@@ -208,6 +208,9 @@ class Flow(objective.Objective):
   def is_stochastic(self, sampler, options):
     return sampler == "sde"
 
+  def evaluations(self, sampler, steps):
+    return 2 * int(steps) if sampler == "heun" else int(steps)
+
   def _time_grid(self, n, t_hi, t_lo, shift):
     """``n + 1`` times from ``t_hi`` down to ``t_lo``, warped by ``shift``."""
     u = paths.shift_time(np.linspace(1.0, 0.0, n + 1), shift)
@@ -233,7 +236,7 @@ class Flow(objective.Objective):
       # ``sample_eps`` short of both ends (SiT ``check_interval``).
       ts = self._time_grid(steps, 1.0 - eps, eps, shift)
       step = integrators.euler if sampler == "euler" else integrators.heun
-      return step(velocity, noise, state, ts)[0]
+      return step(velocity, noise, state, ts)
     return self._sde(output, velocity, noise, state, key, steps, eps, shift,
                      **{k: v for k, v in options.items()
                         if k not in ("sample_eps", "shift")})
@@ -261,7 +264,7 @@ class Flow(objective.Objective):
 
     if last_step == "none":
       ts = self._time_grid(steps, t_hi, 0.0, shift)
-      return integrators.euler_maruyama(drift, w, noise, state, ts, key)[0]
+      return integrators.euler_maruyama(drift, w, noise, state, ts, key)
     if not 0.0 < last_step_size < t_hi:
       raise ValueError(
           f"last_step_size must be in (0, {t_hi}), got {last_step_size}.")
@@ -269,7 +272,10 @@ class Flow(objective.Objective):
     x, state = integrators.euler_maruyama(drift, w, noise, state, ts, key)
     t = float(ts[-1])
     if last_step == "mean":
-      return x - t * drift(x, t, state)[0]
+      d, state = drift(x, t, state)
+      return x - t * d, state
     if last_step == "euler":
-      return x - t * velocity(x, t, state)[0]
-    return paths.to_x0(pred, output(x, t, state)[0], x, t, path)
+      v, state = velocity(x, t, state)
+      return x - t * v, state
+    out, state = output(x, t, state)
+    return paths.to_x0(pred, out, x, t, path), state

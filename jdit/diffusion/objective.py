@@ -29,8 +29,14 @@ class Objective:
 
   def _sample(self, fn, state, noise, key, sampler, steps, options):
     """Integrates with ``fn(x, t_model, t_norm, state) -> (out, state)``
-    (the guided network, guidance.guided_model); returns the samples."""
+    (the guided network, guidance.guided_model); returns the samples and
+    the network's final state."""
     raise NotImplementedError
+
+  def evaluations(self, sampler, steps) -> int:
+    """Network calls of one sampling run (one per step unless overridden)."""
+    del sampler
+    return int(steps)
 
   def is_stochastic(self, sampler, options) -> bool:
     """Whether ``sampler`` with ``options`` draws noise (needs a key)."""
@@ -59,7 +65,7 @@ class Objective:
     return sampler, int(steps), {**allowed, **options}
 
   def sample(self, model_fn, noise, key, *, y=None, sampler=None, steps=None,
-             guidance=None, **sampler_options):
+             guidance=None, return_state=False, **sampler_options):
     """Draws samples by integrating from ``noise`` to data.
 
     Jittable with ``model_fn``, ``sampler``, ``steps``, ``guidance`` and the
@@ -75,10 +81,13 @@ class Objective:
       sampler: one of ``self.samplers`` (default ``self.default_sampler``).
       steps: number of steps (default ``self.default_steps``), >= 1.
       guidance: None, a float CFG scale, or a ``Guidance``.
+      return_state: also return the stateful network's final state:
+        ``(shared, rows)``, and with guidance ``(shared, rows, uncond_rows)``
+        (the unconditional rows' own part).
       **sampler_options: per-sampler options, see ``self.sampler_options``.
 
     Returns:
-      Samples with the shape of ``noise``, float32.
+      Samples with the shape of ``noise``, float32 (and the state).
     """
     sampler, steps, options = self.check_sampler(sampler, steps,
                                                  sampler_options)
@@ -94,7 +103,8 @@ class Objective:
       model_fn, state = guidance_lib.stateless(model_fn), ((), ())
     fn, state = guidance_lib.guided_model(model_fn, guidance, y,
                                           noise.shape[-1], state)
-    return self._sample(fn, state, noise, key, sampler, steps, options)
+    x, state = self._sample(fn, state, noise, key, sampler, steps, options)
+    return (x, state) if return_state else x
 
 
 def draw_time_and_noise(key, draw_time, shape):
