@@ -7,8 +7,10 @@ it is the same for every backbone). Params are the model's initialisation
 plus small noise, so no layer multiplies by exact zeros. Prints one JSON
 line: images/s, ms per denoising step, model forwards per second, and
 forward FLOPs x forwards/s (achieved TFLOP/s per device). With
---cache_interval N it also times feature-cached sampling (jdit.feature_cache)
-and prints its images/s and the speed-up over the uncached run.
+--cache_interval N (or --cache_router FILE, a schedule learned by
+jdit.learn_cache for this sampler and step count) it also times
+feature-cached sampling (jdit.feature_cache) and prints its images/s and
+the speed-up over the uncached run.
 
 GPU/TPU: python bench/sampling.py --model DiT-XL/2 --image_size 256 \\
              --batch_size 64 --sampler ddim --steps 50 --cfg_scale 1.5
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import diffusion, feature_cache, sampling, sharding
+from jdit import diffusion, feature_cache, learn_cache, sampling, sharding
 from jdit.models import build_model, flops
 from jdit.models.registry import smoke_overrides
 
@@ -77,19 +79,24 @@ def bench(args) -> dict:
   sampler = sampling.Sampler(model, objective, params, **kw)
   labels = np.arange(args.batch_size) % model.num_classes
   compile_s, best = _time(sampler, labels, args.repeats)
-  # Network calls per sample: heun evaluates twice per step.
-  evaluations = sampler.steps * (2 if sampler.sampler == "heun" else 1)
+  evaluations = objective.evaluations(sampler.sampler, sampler.steps)
   cache_row = {}
-  if args.cache_interval > 1:
-    # The cached sampler timed in the same process as the baseline above.
+  if args.cache_router:
+    cache = learn_cache.load_router(args.cache_router, sampler.sampler,
+                                    sampler.steps)
+  else:
     cache = feature_cache.FeatureCache(args.cache_interval,
                                        warmup=args.cache_warmup)
+  if cache.active:
+    # The cached sampler timed in the same process as the baseline above.
     cached = sampling.Sampler(model, objective, params, cache=cache, **kw)
     _, cached_best = _time(cached, labels, args.repeats)
+    blocks = len(cache.schedule[0]) if cache.schedule else 1
     cache_row = {
         "cache_interval": args.cache_interval,
         "cache_warmup": args.cache_warmup,
-        "blocks_computed": sig(cache.computed_fraction(evaluations, 1)),
+        "cache_router": args.cache_router or None,
+        "blocks_computed": sig(cache.computed_fraction(evaluations, blocks)),
         "cached_images_per_sec": sig(args.batch_size / cached_best),
         "cache_speedup": sig(best / cached_best)}
   cfg = args.cfg_scale != 1.0
@@ -129,6 +136,9 @@ def main():
                  "block recomputed every N evaluations) against the baseline")
   p.add_argument("--cache_warmup", type=int, default=0,
                  help="evaluations computed in full before caching starts")
+  p.add_argument("--cache_router", default="",
+                 help="a jdit.learn_cache router file: time its learned "
+                 "schedule against the baseline")
   p.add_argument("--smoke", action="store_true",
                  help="tiny model, 64px, one image per device, 2 steps")
   args = p.parse_args()

@@ -355,10 +355,17 @@ def main(argv=None) -> None:
   params, config = checkpoint.load_for_sampling(args.checkpoint)
   model, _ = sampling.model_from_config(config)
   check_prunable(model)
-  pruned = prune_blocks(params, kept, model.depth)  # fails before writing
-  checkpoint.save_for_sampling(os.path.abspath(args.out), pruned,
-                               pruned_config(config, kept))
+  write_pruned(params, config, kept, model.depth, args.out)
   print(json.dumps({"out": args.out, "depth": len(kept), "kept": kept}))
+
+
+def write_pruned(params, config, kept, depth: int, out: str) -> None:
+  """Writes the checkpoint of blocks `kept` of (params, config) of a
+  `depth`-block model to `out`, where sample.py and
+  config.distill.init_from read it."""
+  pruned = prune_blocks(params, kept, depth)  # fails before writing
+  checkpoint.save_for_sampling(os.path.abspath(out), pruned,
+                               pruned_config(config, kept))
 
 
 if __name__ == "__main__":

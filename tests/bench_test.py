@@ -129,10 +129,16 @@ def test_kernel_benches_smoke(script, fields):
       assert field in row, (field, row)
 
 
-def test_sampling_bench_full_size_path_counts_flops():
+def test_sampling_bench_full_size_path_counts_flops(tmp_path):
   """Without --smoke the bench multiplies the model's analytic FLOPs by the
-  forwards per second (a tiny registered model stands in for DiT-XL/2)."""
+  forwards per second (a tiny registered model stands in for DiT-XL/2);
+  a learned cache schedule is timed beside it."""
   import argparse  # pylint: disable=g-import-not-at-top
+  from jdit import learn_cache  # pylint: disable=g-import-not-at-top
+  router = tmp_path / "router.json"
+  router.write_text(json.dumps({"format": learn_cache.ROUTER_FORMAT,
+                                "sampler": "ddim", "steps": 2,
+                                "schedule": [[1], [0]]}))
   register_model("test-sampling-tiny", DiT, depth=1, hidden_size=32,
                  num_heads=2)
   sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -141,10 +147,12 @@ def test_sampling_bench_full_size_path_counts_flops():
     row = sampling.bench(argparse.Namespace(
         model="test-sampling-tiny", image_size=64,
         batch_size=jax.device_count(),
-        dtype="float32", objective="ddpm", sampler="ddim", steps=1,
+        dtype="float32", objective="ddpm", sampler="ddim", steps=2,
         cfg_scale=1.5, repeats=1, smoke=False, cache_interval=1,
-        cache_warmup=0))
+        cache_warmup=0, cache_router=str(router)))
   finally:
     sys.path.pop(0)
     del models.MODELS["test-sampling-tiny"]
   assert row["tflops_per_device"] > 0 and not row["smoke"]
+  assert row["cache_router"] == str(router) and row["blocks_computed"] == 0.5
+  assert row["cache_speedup"] > 0
