@@ -122,6 +122,19 @@ def test_recorder_sees_every_network_input():
                                x + (times[n + 1] - times[n]) * v, atol=2e-5)
 
 
+def test_stale_weights_by_hand():
+  # One block; beta at evaluations 0..4. At n = 4 with a window of 3: the
+  # cache is from 3 (p 0.5), else from 2 (0.5 * 0.2), else 1 takes the rest.
+  beta = jnp.asarray([[0.3], [0.9], [0.2], [0.5], [0.7]])
+  w = learn_cache._stale_weights(beta, jnp.asarray([4, 2, 1]), 3)
+  np.testing.assert_allclose(w[0, :, 0], [0.5, 0.1, 0.4], atol=1e-6)
+  # n = 2: from 1 (0.9), else from 0, which always computes.
+  np.testing.assert_allclose(w[1, :, 0], [0.9, 0.1, 0.0], atol=1e-6)
+  np.testing.assert_allclose(w[2, :, 0], [1.0, 0.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose(
+      learn_cache._stale_weights(beta, jnp.asarray([4]), 1)[0, :, 0], [1.0])
+
+
 def _with_identity_block(model, params, block):
   """adaLN-Zero: zero modulation makes the block's update exactly 0, so
   reusing it is free."""
