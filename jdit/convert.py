@@ -10,12 +10,16 @@ AutoencoderKL. Both return plain nested dicts of float32 numpy arrays, and
 both check the whole checkpoint before converting anything, so a wrong file
 fails with one message listing every missing, unexpected and mis-shaped key.
 
+`dit_params_to_torch` goes the other way, for jdit-trained checkpoints
+sampled in the PyTorch codebases.
+
 Command line (see jdit/convert_cli.py):
 
   python -m jdit.convert dit --checkpoint DiT-XL-2-256x256.pt \
       --model DiT-XL/2 --vae sd-vae-ft-ema/ --out converted/dit_xl2_256
   python -m jdit.convert vae --checkpoint diffusion_pytorch_model.safetensors \
       --out converted/sd_vae_ft_ema
+  python -m jdit.convert export --checkpoint runs/xl2 --out dit_xl2.pt
 """
 from __future__ import annotations
 
@@ -176,6 +180,14 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
   """
   from jdit import convert_dit  # pylint: disable=g-import-not-at-top
   return convert_dit.dit_params_from_torch(state_dict, name, **overrides)
+
+
+def dit_params_to_torch(params: Mapping[str, Any], model,
+                        name: str = "the model") -> dict[str, np.ndarray]:
+  """Flax params of a DiT-layout model -> its official PyTorch state dict
+  (numpy float32), the inverse of `dit_params_from_torch`."""
+  from jdit import convert_dit  # pylint: disable=g-import-not-at-top
+  return convert_dit.dit_params_to_torch(params, model, name)
 
 
 def vae_params_from_torch(state_dict: Mapping[str, Any], **config) -> dict:

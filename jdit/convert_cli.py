@@ -1,4 +1,4 @@
-"""`python -m jdit.convert {dit,vae}`: PyTorch checkpoints -> jdit checkpoints.
+"""`python -m jdit.convert {dit,vae,export}`: PyTorch <-> jdit checkpoints.
 
   python -m jdit.convert dit --checkpoint DiT-XL-2-256x256.pt \
       --model DiT-XL/2 [--image_size 256] [--vae sd-vae-ft-ema/] --out DIR
@@ -14,7 +14,13 @@
 converted weights as EMA params, the config of configs/dit_imagenet256.py
 with this model); with --vae the VAE is converted too, into DIR/vae, and the
 config points at it. `vae` writes vae_config.json + params.msgpack, which
-`jdit.vae.load_vae` reads. Output appears atomically: everything is written
+`jdit.vae.load_vae` reads. `export` goes the other way: a jdit DiT-family
+checkpoint's EMA params in the official layout, for facebookresearch/DiT's
+sample.py (and SiT's, REPA's, DiT-MoE's, LightningDiT's):
+
+  python -m jdit.convert export --checkpoint runs/xl2 --out dit_xl2.pt
+
+Output appears atomically: everything is written
 into a temporary directory beside DIR, which is renamed when complete.
 """
 from __future__ import annotations
@@ -234,6 +240,75 @@ def convert_vae_cmd(args) -> str:
   return os.path.abspath(args.out)
 
 
+EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# The OBJECTIVES as the PyTorch codebases that sample them.
+SAMPLED_BY = {
+    "ddpm": "DiT's 1000-step DDPM (facebookresearch/DiT's and DiT-MoE's "
+            "sample.py)",
+    "sit": "SiT's flow, t = 1 data (SiT's, REPA's and LightningDiT's "
+           "samplers)",
+    "rf": "DiT-MoE's rectified flow, t = 1 noise, t in [0, 1]",
+}
+
+
+def _pytorch_convention(config) -> str | None:
+  """The OBJECTIVES key whose time convention the checkpoint was trained
+  in (what a PyTorch sampler must assume), or None for jdit's own."""
+  if config.objective == "ddpm":
+    return "ddpm"
+  flow = config.get("diffusion", {}).get("flow", {})
+  for key, (objective, wanted) in OBJECTIVES.items():
+    if objective == config.objective and all(
+        flow.get(k) == v for k, v in wanted.items()):
+      return key
+  return None
+
+
+def export_cmd(args) -> str:
+  """A jdit checkpoint's EMA params -> an official-layout PyTorch file."""
+  out = os.path.abspath(os.path.expanduser(args.out))
+  if not out.endswith(EXPORT_SUFFIXES):
+    raise ValueError(f"--out must end in .pt/.pth (torch.save of "
+                     f"{{'ema': state_dict}}, which DiT's, SiT's, REPA's and "
+                     f"LightningDiT's loaders read) or .safetensors (the "
+                     f"bare state dict), got {args.out}")
+  if os.path.exists(out):
+    raise FileExistsError(f"--out {out} exists")
+  writer = "safetensors" if out.endswith(".safetensors") else "torch"
+  if importlib.util.find_spec(writer) is None:
+    raise ValueError(f"writing {os.path.basename(out)} needs the {writer} "
+                     f"package (pip install {writer})")
+  from jdit import checkpoint, convert_dit, sampling  # pylint: disable=g-import-not-at-top
+  params, config = checkpoint.load_for_sampling(args.checkpoint)
+  model, _ = sampling.model_from_config(config)
+  state_dict = convert_dit.dit_params_to_torch(params, model,
+                                               config.model.name)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-",
+                             dir=os.path.dirname(out))
+  os.close(fd)
+  try:
+    if writer == "safetensors":
+      import safetensors.numpy  # pylint: disable=g-import-not-at-top
+      safetensors.numpy.save_file(state_dict, tmp)
+    else:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.save({"ema": {k: torch.from_numpy(v)
+                          for k, v in state_dict.items()}}, tmp)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  convention = _pytorch_convention(config)
+  built = ", ".join(f"{k}={getattr(model, k)!r}" for k in (
+      "input_size", "num_classes", "learn_sigma", "depth"))
+  print(f"note: {config.model.name} ({built}); trained as "
+        + (SAMPLED_BY[convention] if convention else
+           f"jdit's flow with {dict(config.diffusion.flow)}, a time "
+           f"convention no PyTorch DiT sampler assumes"), file=sys.stderr)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m jdit.convert",
@@ -286,9 +361,17 @@ def main(argv=None):
                       "config.json's, else 1.0 with --latent_stats, else "
                       "0.18215)")
   v.add_argument("--out", required=True)
+  e = sub.add_parser("export", help="a jdit DiT-family checkpoint -> the "
+                                    "official PyTorch layout")
+  e.add_argument("--checkpoint", required=True,
+                 help="a workdir, its checkpoints/ or one step's directory, "
+                      "or a converted or pruned checkpoint (EMA params)")
+  e.add_argument("--out", required=True, help="FILE.pt or FILE.safetensors")
   args = parser.parse_args(argv)
+  commands = {"dit": convert_dit, "vae": convert_vae_cmd,
+              "export": export_cmd}
   try:
-    out = convert_dit(args) if args.command == "dit" else convert_vae_cmd(args)
+    out = commands[args.command](args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -189,6 +189,19 @@ def _check_rope_buffers(sd: Mapping[str, Any], model: DiT, name: str):
           f"checkpoint was trained with another RoPE layout or grid size")
 
 
+def _check_official_layout(model, name: str) -> None:
+  """Only models the official layouts describe convert, either way."""
+  if not isinstance(model, DiT):
+    raise ValueError(f"{name} is not a DiT; only the official DiT layout "
+                     f"converts")
+  if model.mixer != "attention" or model.mlp not in ("dense", "moe",
+                                                     "swiglu"):
+    raise ValueError(f"{name} has mixer={model.mixer!r}, mlp={model.mlp!r}; "
+                     f"official DiT checkpoints need mixer='attention' and "
+                     f"mlp='dense' (DiT, SiT), 'moe' (DiT-MoE) or 'swiglu' "
+                     f"(LightningDiT)")
+
+
 def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
                           **overrides) -> dict:
   """Converts an official facebookresearch/DiT checkpoint to Flax params.
@@ -219,14 +232,7 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
   sd = unwrap_state_dict(state_dict)
   overrides = resolve_dit_overrides(sd, name, **overrides)
   model = build_model(name, **overrides)
-  if not isinstance(model, DiT):
-    raise ValueError(f"{name} is not a DiT; only the official DiT layout "
-                     f"converts")
-  if model.mixer != "attention" or model.mlp not in ("dense", "moe",
-                                                     "swiglu"):
-    raise ValueError("official DiT checkpoints need mixer='attention' and "
-                     "mlp='dense' (DiT, SiT), 'moe' (DiT-MoE) or 'swiglu' "
-                     "(LightningDiT)")
+  _check_official_layout(model, name)
   layout = _dit_torch_layout(model)
   check_keys(sd, {k: v[0] for k, v in layout.items()},
              f"{name} with {dict(overrides)}",
@@ -285,3 +291,43 @@ def dit_params_from_torch(state_dict: Mapping[str, Any], name: str,
       raise AssertionError(f"converter out of date with the model at {path}")
   return params
 
+
+
+def dit_params_to_torch(params: Mapping[str, Any], model: DiT,
+                        name: str = "the model") -> dict[str, np.ndarray]:
+  """Flax params of `model` -> its official PyTorch state dict (numpy).
+
+  The inverse of `dit_params_from_torch`, over the same layout table: what
+  facebookresearch/DiT's models.py (and SiT's, DiT-MoE's, LightningDiT's)
+  load with `load_state_dict(strict=True)`. pos_embed and LightningDiT's
+  RoPE buffers are written from the model's fixed tables; a REPA projector
+  becomes REPA's `projectors.0.{0,2,4}` (its released SiT loads them).
+  """
+  _check_official_layout(model, name)
+  out = {}
+  for key, (shape, kind, path) in _dit_torch_layout(model).items():
+    if kind == "pos":
+      w = sincos_2d(model.hidden_size, *model.grid_shape)[None]
+    elif kind.startswith("expert:"):  # row j of the stacked (E, in, out)
+      w = np.asarray(_get(params, path))[int(kind.split(":")[1])].T
+    else:
+      w = np.asarray(_get(params, path))
+      if kind == "conv":  # (kh, kw, in, out) -> (out, in, kh, kw)
+        w = w.transpose(3, 2, 0, 1)
+      elif kind in ("linear", "qkv", "proj", "w12"):  # Dense (in.., out..)
+        w = w.reshape(shape[::-1]).T
+      else:  # biases, tables and norm scales: same values, torch's shape
+        w = w.reshape(shape)
+    if w.shape != shape:
+      raise AssertionError(f"converter out of date with the model at {key}: "
+                           f"{w.shape} vs {shape}")
+    out[key] = w
+  if _uses_rope(model):
+    out.update(zip(ROPE_BUFFERS, rotary_tables(
+        model.grid_shape, model.hidden_size // model.num_heads)))
+  for i in range(3) if "repa_projector" in params else ():
+    dense = params["repa_projector"][f"fc{i + 1}"]
+    prefix = f"{REPA_PROJECTOR_PREFIX}0.{2 * i}"
+    out[f"{prefix}.weight"] = np.asarray(dense["kernel"]).T
+    out[f"{prefix}.bias"] = np.asarray(dense["bias"])
+  return {k: np.array(v, np.float32, order="C") for k, v in out.items()}
