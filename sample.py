@@ -4,7 +4,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
     python sample.py --checkpoint runs/default [--num_samples 80]
         [--sampler ddpm|ddim|dpm++|euler|heun|sde] [--steps S]
         [--cfg_scale 1.5] [--cfg_channels 3] [--cfg_interval lo,hi]
-        [--cfg_rescale 0.7]
+        [--cfg_rescale 0.7] [--guide_checkpoint runs/small]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
         [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
         [--cache_router router.json]
@@ -13,6 +13,11 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
 (also those written by `python -m jdit.convert`). Sampling is split over all
 devices of all hosts; images depend only on --seed and their index.
+
+--guide_checkpoint (autoguidance): a smaller or less trained model of the same
+data, objective and time convention guides instead of the unconditional
+branch; --cfg_scale, --cfg_interval, --cfg_channels and --cfg_rescale apply to
+it as they would to classifier-free guidance.
 """
 import os
 
@@ -43,6 +48,11 @@ _CFG_INTERVAL = flags.DEFINE_string(
 _CFG_RESCALE = flags.DEFINE_float(
     "cfg_rescale", 0.0, "CFG-rescale weight in [0, 1]: scale the guided "
     "output to the conditional output's standard deviation; 0 = off.")
+_GUIDE = flags.DEFINE_string(
+    "guide_checkpoint", "", "Autoguidance: a checkpoint of a smaller or less "
+    "trained model (an early step, a short post-hoc EMA) whose conditional "
+    "output replaces the unconditional one, weighed by --cfg_scale; '' = "
+    "classifier-free guidance.")
 _SHIFT = flags.DEFINE_float(
     "shift", 0.0, "Flow checkpoints: warp the sampler's time grid, u -> "
     "s u / (1 + (s - 1) u) with u = 1 the noise end (s > 1 spends more steps "
@@ -147,6 +157,22 @@ def resize(config):
   return config
 
 
+def load_guide(config, model, replicated):
+  """--guide_checkpoint as (model, params) on the devices, or None."""
+  if not _GUIDE.value:
+    return None
+  if _CFG.value == 1.0:
+    raise app.UsageError("--guide_checkpoint guides with weight --cfg_scale, "
+                         "which is 1 (off); set it, e.g. --cfg_scale 2")
+  params, guide_config = checkpoint.load_for_sampling(_GUIDE.value)
+  guide_model, _ = sampling.model_from_config(resize(guide_config))
+  try:
+    sampling.check_guide(config, model, guide_config, guide_model)
+  except ValueError as e:
+    raise app.UsageError(f"--guide_checkpoint {_GUIDE.value}: {e}") from e
+  return guide_model, jax.device_put(params, replicated)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -174,12 +200,14 @@ def main(argv):
       interval=parse_interval(_CFG_INTERVAL.value),
       rescale=_CFG_RESCALE.value)
   mesh = sharding.create_mesh({"data": -1})
-  params = jax.device_put(params, sharding.NamedSharding(mesh, sharding.P()))
+  replicated = sharding.NamedSharding(mesh, sharding.P())
+  params = jax.device_put(params, replicated)
+  guide = load_guide(config, model, replicated)
   decode = evaluation.latent_decoder(config)  # None for pixel models
   sampler = sampling.Sampler(model, objective, params, mesh=mesh,
                              sampler=_SAMPLER.value or None,
                              steps=_STEPS.value or None, guidance=guidance,
-                             decode=decode, cache=cache)
+                             decode=decode, cache=cache, guide=guide)
   par = sharding.batch_parallelism(mesh)
   chunk = _BATCH.value or -(-min(64, n) // par) * par
   logging.info("sampling %d images with %s, %d steps", n, sampler.sampler,

@@ -59,6 +59,39 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
       np.uint8)
 
 
+# What a network's output means at a given time input, per objective: a
+# guide must agree with the model it guides on all of it.
+SAMPLING_MEANING = {"ddpm": ("num_timesteps", "beta_schedule"),
+                    "flow": ("path", "prediction", "model_time_scale",
+                             "model_time_flip")}
+
+
+def check_guide(config, model, guide_config, guide_model) -> None:
+  """Raises ValueError unless the guide network can stand in for the
+  unconditional branch of `model` (autoguidance): same input shape, labels,
+  objective and time convention."""
+  problems = []
+  if guide_config.objective != config.objective:
+    problems.append(f"objective {guide_config.objective!r}, the model's is "
+                    f"{config.objective!r}")
+  else:
+    section = config.objective
+    ours = diffusion.create(section, config.get("diffusion"),
+                            learn_sigma=False).config
+    theirs = diffusion.create(section, guide_config.get("diffusion"),
+                              learn_sigma=False).config
+    problems += [f"diffusion.{section}.{k} {theirs[k]!r}, the model's is "
+                 f"{ours[k]!r}" for k in SAMPLING_MEANING[section]
+                 if theirs[k] != ours[k]]
+  for key in ("input_shape", "num_classes"):
+    if getattr(guide_model, key) != getattr(model, key):
+      problems.append(f"{key} {getattr(guide_model, key)}, the model's is "
+                      f"{getattr(model, key)}")
+  if problems:
+    raise ValueError("the guide network does not fit the model: "
+                     + "; ".join(problems))
+
+
 def save_grid(images: np.ndarray, path: str, ncol: int) -> None:
   """Writes (N, H, W, C) uint8 images as one PNG grid, ncol per row."""
   n, h, w, c = images.shape
@@ -83,13 +116,15 @@ class Sampler:
 
   ``cache`` (a ``feature_cache.FeatureCache`` with interval > 1) reuses the
   residual blocks' updates across network evaluations; None computes every
-  block at every evaluation.
+  block at every evaluation. ``guide``: None, or ``(model, params)`` of the
+  network whose conditional output replaces the unconditional one under
+  ``guidance`` (autoguidance; check it with ``check_guide``).
   """
 
   def __init__(self, model, objective, params, *, mesh, sampler=None,
                steps=None, guidance: diffusion.Guidance | None = None,
                decode=None, cache: feature_cache.FeatureCache | None = None,
-               **options):
+               guide=None, **options):
     self.model = model
     self.objective = objective
     self.params = params
@@ -100,8 +135,9 @@ class Sampler:
     if cache is not None:
       cache.check_evaluations(objective.evaluations(sampler, steps))
     self.shape = model.input_shape
+    guide_model, self.guide_params = guide or (None, None)
 
-    def run(params, key, y):
+    def run(params, guide_params, key, y):
       noise = jax.random.normal(jax.random.fold_in(key, 0),
                                 (y.shape[0],) + self.shape)
 
@@ -111,9 +147,12 @@ class Sampler:
       if cache is not None and cache.active:
         model_fn = feature_cache.CachedNetwork(model, params, cache)
 
+      guide_fn = None if guide_model is None else (
+          lambda x, t, yy: guide_model.apply({"params": guide_params}, x, t,
+                                             yy))
       x = objective.sample(model_fn, noise, jax.random.fold_in(key, 1), y=y,
                            sampler=sampler, steps=steps, guidance=guidance,
-                           **options)
+                           guide_fn=guide_fn, **options)
       return decode(x) if decode is not None else x
 
     self._run = jax.jit(run)
@@ -123,7 +162,7 @@ class Sampler:
     bsh = sharding.batch_sharding(self.mesh)
     y = jax.device_put(jnp.asarray(labels, jnp.int32), bsh)
     with sharding.use_mesh(self.mesh):
-      out = self._run(self.params, key, y)
+      out = self._run(self.params, self.guide_params, key, y)
     return np.asarray(multihost_utils.process_allgather(
         out, tiled=True)) if jax.process_count() > 1 else np.asarray(out)
 

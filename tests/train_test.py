@@ -226,11 +226,16 @@ def test_sample_cli_writes_npz_and_grid(tiny_config, tmp_path):
   assert bad.returncode != 0 and "labels must be in [0, 10)" in bad.stderr
   cached = tmp_path / "out" / "cached.npz"
   # Feature caching, CFG-rescale and a larger grid (positions interpolated),
-  # on 1 device from a checkpoint written on 8.
+  # on 1 device from a checkpoint written on 8, guided by its first
+  # checkpoint (autoguidance).
   one_device = {**env, "XLA_FLAGS": ""}
+  first = min((d for d in os.listdir(tmp_path / "run" / "checkpoints")
+               if d.isdigit()), key=int)
   subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2",
                              "--cfg_rescale", "0.5", "--input_size", "12,8",
-                             "--extrapolation", "interpolate"],
+                             "--extrapolation", "interpolate",
+                             "--guide_checkpoint",
+                             str(tmp_path / "run" / "checkpoints" / first)],
                  check=True, env=one_device, cwd=ROOT, capture_output=True)
   assert np.load(cached)["arr_0"].shape == (6, 12, 8, 1)
   bad = subprocess.run(cmd + ["--cache_blocks", "2"], env=env, cwd=ROOT,

@@ -6,6 +6,12 @@ with the null label), ``out = uncond + w (cond - uncond)`` on the guided
 channels, and every other output channel (the remaining eps channels and, with
 learned sigma, the variance channels) comes from the conditional branch.
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad
+version of itself") is the same formula with the unconditional branch
+replaced by a guide network's conditional output (``guide_fn``: a smaller or
+less trained model of the same data, objective and time convention):
+``out = guide + w (cond - guide)``.
+
 The guidance interval is in normalised time, t = 1 the noise end for every
 objective (DDPM: timestep / num_timesteps). Outside it only the conditional
 branch is evaluated: a ``lax.cond`` picks a B-batch call there and the
@@ -90,7 +96,8 @@ def _join(a, b):
   return jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
 
 
-def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
+def guided_model(model_fn, guidance, y, data_channels, state=((), ()),
+                 guide_fn=None):
   """Wraps a stateful network into ``fn(x, t_model, t_norm, state)``.
 
   Args:
@@ -103,6 +110,9 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
     data_channels: C, the number of data channels; with learned sigma the
       output has 2C channels and only the first C can be guided.
     state: the network's initial state for the B conditional rows.
+    guide_fn: None (classifier-free guidance), or a plain network ``(x,
+      t_model, y) -> out`` whose conditional output takes the unconditional
+      branch's place (autoguidance); it is called on the B rows alone.
 
   Returns:
     ``(fn, state)``: ``fn(x (B,H,W,C), t_model (B,), t_norm (B,), state)``
@@ -117,7 +127,7 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
       out, state = model_fn(x, t_model, y, state)
       return out.astype(jnp.float32), state
     return plain, state
-  if y is None:
+  if y is None and guide_fn is None:
     raise ValueError("Classifier-free guidance needs labels y; got y=None.")
   k = data_channels if guidance.channels is None else guidance.channels
   if k > data_channels:
@@ -130,12 +140,19 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
   def both(x, t_model, t_norm, state):
     shared, rows, uncond_rows = state
     b = x.shape[0]
-    y_null = jnp.full_like(y, guidance.null_label)
-    out, (shared, rows) = model_fn(
-        jnp.concatenate([x, x]), jnp.concatenate([t_model, t_model]),
-        jnp.concatenate([y, y_null]), (shared, _join(rows, uncond_rows)))
-    out = out.astype(jnp.float32)
-    cond, uncond = out[:b], out[b:]
+    if guide_fn is not None:
+      cond, (shared, rows) = model_fn(x, t_model, y, (shared, rows))
+      cond = cond.astype(jnp.float32)
+      uncond = guide_fn(x, t_model, y).astype(jnp.float32)
+    else:
+      y_null = jnp.full_like(y, guidance.null_label)
+      out, (shared, both_rows) = model_fn(
+          jnp.concatenate([x, x]), jnp.concatenate([t_model, t_model]),
+          jnp.concatenate([y, y_null]), (shared, _join(rows, uncond_rows)))
+      out = out.astype(jnp.float32)
+      cond, uncond = out[:b], out[b:]
+      rows = jax.tree.map(lambda r: r[:b], both_rows)
+      uncond_rows = jax.tree.map(lambda r: r[b:], both_rows)
     mixed = uncond[..., :k] + w * (cond[..., :k] - uncond[..., :k])
     if guidance.rescale:
       axes = tuple(range(1, x.ndim))
@@ -145,9 +162,8 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ())):
     inside = (t_norm >= lo) & (t_norm <= hi)
     inside = inside.reshape((b,) + (1,) * (x.ndim - 1))
     mixed = jnp.where(inside, mixed, cond[..., :k])
-    state = (shared, jax.tree.map(lambda r: r[:b], rows),
-             jax.tree.map(lambda r: r[b:], rows))
-    return jnp.concatenate([mixed, cond[..., k:]], axis=-1), state
+    return (jnp.concatenate([mixed, cond[..., k:]], axis=-1),
+            (shared, rows, uncond_rows))
 
   initial = (state[0], state[1], state[1])
   if (lo, hi) == (0.0, 1.0):

@@ -65,7 +65,8 @@ class Objective:
     return sampler, int(steps), {**allowed, **options}
 
   def sample(self, model_fn, noise, key, *, y=None, sampler=None, steps=None,
-             guidance=None, return_state=False, **sampler_options):
+             guidance=None, guide_fn=None, return_state=False,
+             **sampler_options):
     """Draws samples by integrating from ``noise`` to data.
 
     Jittable with ``model_fn``, ``sampler``, ``steps``, ``guidance`` and the
@@ -81,6 +82,8 @@ class Objective:
       sampler: one of ``self.samplers`` (default ``self.default_sampler``).
       steps: number of steps (default ``self.default_steps``), >= 1.
       guidance: None, a float CFG scale, or a ``Guidance``.
+      guide_fn: with guidance, a plain network ``(x, t_model, y) -> out``
+        that replaces the unconditional branch (autoguidance).
       return_state: also return the stateful network's final state:
         ``(shared, rows)``, and with guidance ``(shared, rows, uncond_rows)``
         (the unconditional rows' own part).
@@ -102,7 +105,7 @@ class Objective:
     else:
       model_fn, state = guidance_lib.stateless(model_fn), ((), ())
     fn, state = guidance_lib.guided_model(model_fn, guidance, y,
-                                          noise.shape[-1], state)
+                                          noise.shape[-1], state, guide_fn)
     x, state = self._sample(fn, state, noise, key, sampler, steps, options)
     return (x, state) if return_state else x
 

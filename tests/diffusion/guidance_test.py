@@ -90,6 +90,51 @@ def test_scale_one_is_off_and_zero_is_unconditional():
   np.testing.assert_allclose(zero(x, t, t, state)[0], uncond, rtol=1e-6)
 
 
+@pytest.mark.parametrize("learn_sigma,channels", [(False, None), (True, 3)])
+def test_autoguidance_replaces_the_unconditional_branch(learn_sigma,
+                                                         channels):
+  """out = guide + w (cond - guide) from a B-row call of each network; the
+  null label is never used."""
+  model_fn, cond, _ = _known_model(learn_sigma)
+  guide = np.random.default_rng(1).standard_normal((B, 2, 2, C)).astype(
+      np.float32)
+  calls = []
+
+  def counting(x, t, y):
+    calls.append((x.shape[0], np.asarray(y).tolist()))
+    return model_fn(x, t, y)
+
+  w = 2.5
+  g = diffusion.Guidance(scale=w, null_label=NULL, channels=channels)
+  y = jnp.arange(B)
+  fn, state = guidance_lib.guided_model(
+      guidance_lib.stateless(counting), g, y, C,
+      guide_fn=lambda x, t, yy: jnp.asarray(guide) + 0 * yy[:, None, None,
+                                                               None])
+  x, t = jnp.zeros((B, 2, 2, C)), jnp.full((B,), 0.5)
+  out = np.asarray(fn(x, t, t, state)[0])
+  k = C if channels is None else channels
+  np.testing.assert_allclose(out[..., :k], guide[..., :k] + w * (
+      cond[..., :k] - guide[..., :k]), rtol=1e-6)
+  np.testing.assert_array_equal(out[..., k:], cond[..., k:])
+  assert calls == [(B, [0, 1, 2])]
+
+
+def test_autoguidance_interval_end_to_end():
+  """Euler, 2 steps: t = 1 is guided by the guide network, t = 0.5 (outside
+  [0.6, 1]) is the conditional output alone."""
+  model_fn, cond, _ = _known_model(False)
+  guide = np.full((B, 2, 2, C), 0.25, np.float32)
+  w = 3.0
+  g = diffusion.Guidance(scale=w, null_label=NULL, interval=(0.6, 1.0))
+  x = _flow().sample(model_fn, jnp.ones((B, 2, 2, C)), jax.random.PRNGKey(0),
+                     y=jnp.arange(B), sampler="euler", steps=2, guidance=g,
+                     guide_fn=lambda x, t, y: jnp.asarray(guide))
+  guided = guide + w * (cond - guide)
+  np.testing.assert_allclose(x, 1.0 - 0.5 * guided - 0.5 * cond, rtol=1e-5,
+                             atol=1e-5)
+
+
 def _flow():
   return diffusion.create("flow", diffusion.default_config(),
                           learn_sigma=False)
