@@ -13,6 +13,9 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
 --checkpoint takes a workdir, a checkpoint directory or one step's directory
 (also those written by `python -m jdit.convert`). Sampling is split over all
 devices of all hosts; images depend only on --seed and their index.
+Finished chunks are kept in OUT.parts/ until the npz is written, so a run
+that is interrupted (a preempted TPU) resumes when re-run with the same
+arguments and gives the same file; other arguments are refused.
 
 --guide_checkpoint (autoguidance): a smaller or less trained model of the same
 data, objective and time convention guides instead of the unconditional
@@ -157,6 +160,18 @@ def resize(config):
   return config
 
 
+def identity() -> dict:
+  """What determines the samples, for resuming an interrupted run: every
+  flag but --out, with the checkpoints' resolved steps."""
+  found = {f.name: f.value for f in globals().values()
+           if isinstance(f, flags.FlagHolder) and f.name != "out"}
+  for name in ("checkpoint", "guide_checkpoint"):
+    if found.get(name):
+      directory, step = checkpoint.resolve_step(found[name])
+      found[name] = f"{directory}@{step}"
+  return found
+
+
 def load_guide(config, model, replicated):
   """--guide_checkpoint as (model, params) on the devices, or None."""
   if not _GUIDE.value:
@@ -212,17 +227,20 @@ def main(argv):
   chunk = _BATCH.value or -(-min(64, n) // par) * par
   logging.info("sampling %d images with %s, %d steps", n, sampler.sampler,
                sampler.steps)
-  images = sampling.generate(sampler, labels, seed=_SEED.value, chunk=chunk)
+  out = os.path.abspath(_OUT.value)
   if jax.process_index() == 0:
-    out = os.path.abspath(_OUT.value)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, arr_0=images, arr_1=labels)
-    os.replace(tmp, out)  # never leave a half-written samples file
+  try:
+    head = sampling.generate_to_file(sampler, labels, out, seed=_SEED.value,
+                                     chunk=chunk, identity=identity(),
+                                     preview=min(n, 100))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if jax.process_index() == 0:
     grid = os.path.splitext(out)[0] + ".png"
-    sampling.save_grid(images[:min(n, 100)], grid,
-                       ncol=min(10, int(np.ceil(np.sqrt(min(n, 100))))))
-    print(f"wrote {out} ({images.shape}) and {grid}")
+    sampling.save_grid(head, grid, ncol=min(10, int(np.ceil(np.sqrt(len(
+        head))))))
+    print(f"wrote {out} ({n} samples) and {grid}")
 
 
 if __name__ == "__main__":

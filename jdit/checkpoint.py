@@ -93,13 +93,21 @@ def local_target(directory: str, step: int, item: str):
       getattr(metadata, "tree", metadata))
 
 
-def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
-  """Returns (EMA params as host numpy arrays, config) from any checkpoint."""
+def resolve_step(path: str) -> tuple[str, int]:
+  """(manager directory, step) that `load_for_sampling(path)` reads: the
+  given step's, else the latest finished one."""
   directory, step = find_manager_dir(path)
-  mngr = manager(directory, create=False)
-  step = mngr.latest_step() if step is None else step
+  if step is None:
+    step = manager(directory, create=False).latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
+  return directory, step
+
+
+def load_for_sampling(path: str) -> tuple[Any, ml_collections.ConfigDict]:
+  """Returns (EMA params as host numpy arrays, config) from any checkpoint."""
+  directory, step = resolve_step(path)
+  mngr = manager(directory, create=False)
 
   def read(**items):
     try:

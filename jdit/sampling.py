@@ -7,8 +7,13 @@ hosts produced it (each chunk is sharded over all devices of the mesh).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
 from typing import Any
+import zipfile
 
 import jax
 from jax.experimental import multihost_utils
@@ -168,9 +173,10 @@ class Sampler:
 
 
 def generate_batches(sampler: Sampler, labels: np.ndarray, *, seed: int,
-                     chunk: int):
+                     chunk: int, chunks=None):
   """Yields uint8 (n, H, W, C) samples of len(labels) labels, `chunk` at a
-  time (the last one shorter), so that a caller holds one chunk at a time.
+  time (the last one shorter), so that a caller holds one chunk at a time;
+  `chunks`: only these chunk indices, in order (None: all).
 
   Chunk c draws its noise from fold_in(key(seed), c): the samples depend on
   the seed and the chunk size, not on the devices or the host count.
@@ -180,8 +186,8 @@ def generate_batches(sampler: Sampler, labels: np.ndarray, *, seed: int,
     raise ValueError(f"the sampling batch {chunk} must be divisible by the "
                      f"{par} devices it is split over")
   base = jax.random.key(seed)
-  for c, start in enumerate(range(0, len(labels), chunk)):
-    y = np.asarray(labels[start:start + chunk])
+  for c in range(-(-len(labels) // chunk)) if chunks is None else chunks:
+    y = np.asarray(labels[c * chunk:(c + 1) * chunk])
     real = len(y)
     if real < chunk:  # pad the last chunk; keeps one compiled shape
       y = np.concatenate([y, np.zeros(chunk - real, y.dtype)])
@@ -194,6 +200,101 @@ def generate(sampler: Sampler, labels: np.ndarray, *, seed: int,
   """Samples len(labels) images in chunks of `chunk`; uint8 (N, H, W, C)."""
   return np.concatenate(list(generate_batches(sampler, labels, seed=seed,
                                               chunk=chunk)))
+
+
+def generate_to_file(sampler: Sampler, labels: np.ndarray, out: str, *,
+                     seed: int, chunk: int, identity: dict,
+                     stop_after: int | None = None,
+                     preview: int = 100) -> np.ndarray | None:
+  """Samples into `out` (.npz: arr_0 uint8 images, arr_1 labels; the ADM
+  evaluator's layout) so that an interrupted run resumes where it stopped.
+
+  Each finished chunk is kept in `out + ".parts/"` beside a manifest of
+  `identity` (what determines the images: checkpoint and step, sampler,
+  guidance, ...), the seed, the chunk size and the labels. A later call with
+  the same manifest samples only the missing chunks; since chunk c's noise
+  depends only on (seed, c), the file equals that of an uninterrupted run.
+  A different manifest is refused, never mixed. At the end the parts are
+  streamed into the npz (50K 256px samples are never in memory at once) and
+  removed. Only process 0 writes; every process samples every chunk.
+
+  Returns the first `preview` images (for a grid), or None when stopped by
+  `stop_after` (chunks sampled in this call; for tests of resumption).
+  """
+  parts = out + ".parts"
+  total = -(-len(labels) // chunk)
+  manifest = {"identity": identity, "seed": seed, "chunk": chunk,
+              "num_samples": len(labels),
+              "labels_sha1": hashlib.sha1(np.ascontiguousarray(
+                  labels, np.int64).tobytes()).hexdigest()}
+  done, problem = np.zeros(total, bool), ""
+  if jax.process_index() == 0:
+    done, problem = _resume(parts, manifest, total)
+  if jax.process_count() > 1:  # every host must skip the same chunks
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    if np.asarray(multihost_utils.broadcast_one_to_all(bool(problem))):
+      problem = problem or "process 0 refused the existing parts directory"
+  if problem:
+    raise ValueError(problem)
+  todo = [c for c in range(total) if not done[c]]
+  if stop_after is not None:
+    todo = todo[:stop_after]
+  batches = generate_batches(sampler, labels, seed=seed, chunk=chunk,
+                             chunks=todo)
+  for c, images in zip(todo, batches):
+    if jax.process_index() == 0:
+      np.save(os.path.join(parts, f".tmp{c}.npy"), images)
+      os.replace(os.path.join(parts, f".tmp{c}.npy"),
+                 os.path.join(parts, f"{c:06d}.npy"))
+  if len(todo) < int(np.sum(~done)):
+    return None
+  if jax.process_index() != 0:
+    return None
+  shards = [os.path.join(parts, f"{c:06d}.npy") for c in range(total)]
+  first = np.load(shards[0], mmap_mode="r")
+  shape = (len(labels),) + first.shape[1:]
+  head = np.concatenate([np.load(p) for p in shards[:-(-preview // chunk)]]
+                        or [np.zeros((0,) + shape[1:], np.uint8)])
+  tmp = out + ".tmp.npz"
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    with z.open("arr_0.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_1_0(f, {
+          "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+          "fortran_order": False, "shape": shape})
+      for path in shards:
+        f.write(np.ascontiguousarray(np.load(path)).tobytes())
+    with z.open("arr_1.npy", "w") as f:
+      np.lib.format.write_array(f, np.asarray(labels))
+  os.replace(tmp, out)  # never a half-written samples file
+  shutil.rmtree(parts)
+  return head[:preview]
+
+
+def _resume(parts: str, manifest: dict, total: int) -> tuple[np.ndarray, str]:
+  """(chunks already in `parts`, "" or why they cannot be used)."""
+  path = os.path.join(parts, "manifest.json")
+  done = np.zeros(total, bool)
+  if os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != json.loads(json.dumps(manifest)):
+      keys = sorted(k for k in set(old) | set(manifest)
+                    if old.get(k) != manifest.get(k))
+      changed = [k for k in keys if k != "identity"] + [
+          f"identity.{k}" for k in sorted(
+              set(old.get("identity", {})) | set(manifest["identity"]))
+          if old.get("identity", {}).get(k) != manifest["identity"].get(k)]
+      return done, (f"{parts} holds samples of another run (differs in "
+                    f"{', '.join(changed)}); delete it or sample with the "
+                    f"same arguments to resume")
+    for c in range(total):
+      done[c] = os.path.isfile(os.path.join(parts, f"{c:06d}.npy"))
+  else:
+    os.makedirs(parts, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return done, ""
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Autoguidance through sampling.Sampler, and which guides are refused."""
+"""sampling: autoguidance through the Sampler (and which guides are
+refused), and sample files that resume where an interrupted run stopped."""
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -77,3 +80,60 @@ def test_check_guide_names_every_mismatch(setup):
   with pytest.raises(ValueError, match=r"input_shape \(16, 16, 4\).*"
                                        r"num_classes 5, the model's is 10"):
     sampling.check_guide(ok, model, ok, other)
+
+
+class _Counting:
+  """A Sampler that counts the chunks it samples."""
+
+  def __init__(self, sampler):
+    self.sampler, self.mesh, self.calls = sampler, sampler.mesh, 0
+
+  def __call__(self, key, y):
+    self.calls += 1
+    return self.sampler(key, y)
+
+
+def test_an_interrupted_file_resumes_to_the_uninterrupted_one(setup,
+                                                              tmp_path):
+  model, params, _, _, objective, mesh = setup
+  sampler = _Counting(sampling.Sampler(model, objective, params, mesh=mesh,
+                                       sampler="euler", steps=2))
+  labels = np.arange(20) % CLASSES  # chunks of 8, 8 and 4
+  full = sampling.generate(sampler, labels, seed=5, chunk=8)
+  out, parts = str(tmp_path / "s.npz"), tmp_path / "s.npz.parts"
+  kw = dict(seed=5, chunk=8, identity={"steps": 2}, preview=10)
+  sampler.calls = 0
+  for expected in (["000000.npy"], ["000000.npy", "000001.npy"]):
+    assert sampling.generate_to_file(sampler, labels, out, stop_after=1,
+                                     **kw) is None
+    assert sorted(os.listdir(parts)) == expected + ["manifest.json"]
+    assert not os.path.exists(out)
+  head = sampling.generate_to_file(sampler, labels, out, **kw)
+  assert sampler.calls == 3  # each chunk once over the three calls
+  with np.load(out) as f:
+    np.testing.assert_array_equal(f["arr_0"], full)
+    np.testing.assert_array_equal(f["arr_1"], labels)
+  np.testing.assert_array_equal(head, full[:10])
+  assert sorted(os.listdir(tmp_path)) == ["s.npz"]  # the parts are gone
+
+
+def test_parts_of_another_run_are_refused_and_kept(setup, tmp_path):
+  model, params, _, _, objective, mesh = setup
+  sampler = sampling.Sampler(model, objective, params, mesh=mesh,
+                             sampler="euler", steps=2)
+  labels = np.arange(16) % CLASSES
+  out = str(tmp_path / "s.npz")
+  kw = dict(seed=5, chunk=8, identity={"steps": 2, "cfg_scale": 1.0})
+  sampling.generate_to_file(sampler, labels, out, stop_after=1, **kw)
+  kept = np.load(tmp_path / "s.npz.parts" / "000000.npy")
+  for change, named in [
+      (dict(identity={"steps": 3, "cfg_scale": 1.0}), "identity.steps"),
+      (dict(seed=6), "seed"),
+      (dict(chunk=16), "chunk")]:
+    with pytest.raises(ValueError, match=f"another run.*{named}"):
+      sampling.generate_to_file(sampler, labels, out, **{**kw, **change})
+  with pytest.raises(ValueError, match="labels_sha1"):
+    sampling.generate_to_file(sampler, labels[::-1], out, **kw)
+  np.testing.assert_array_equal(
+      np.load(tmp_path / "s.npz.parts" / "000000.npy"), kept)
+  assert not os.path.exists(out)
