@@ -84,6 +84,38 @@ def bicubic_matrix(in_size: int, out_size: int,
   return out
 
 
+def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float32 matrix of an antialiased bicubic resize.
+
+  Matches F.interpolate(mode="bicubic", antialias=True) (and PIL's BICUBIC
+  resize before its uint8 rounding): the A = -0.5 cubic kernel, stretched by
+  in/out when shrinking so that every source pixel is averaged, truncated
+  at the border and renormalised to sum 1. EDM2 measures FD_DINOv2 on
+  images resized this way.
+  """
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f"antialiased_bicubic_matrix needs positive sizes, got "
+                     f"in_size={in_size}, out_size={out_size}")
+  scale = in_size / out_size
+  stretch = max(scale, 1.0)
+  support = 2.0 * stretch
+
+  def cubic(x):  # A = -0.5
+    x = np.abs(x)
+    return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
+                    np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+
+  out = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    center = (i + 0.5) * scale
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    taps = np.arange(lo, hi)
+    w = cubic((taps - center + 0.5) / stretch)
+    out[i, lo:hi] = w / w.sum()
+  return out.astype(np.float32)
+
+
 def resize_2d(x: jax.Array, rows: np.ndarray, cols: np.ndarray,
               axes: tuple[int, int]) -> jax.Array:
   """Applies (out, in) matrices `rows`, `cols` to the two `axes` of x."""
@@ -109,13 +141,16 @@ def interpolate_pos_embed(patch_pos: jax.Array,
   return resize_2d(patch_pos.astype(jnp.float32), rows, cols, (0, 1))
 
 
-def preprocess(images: jax.Array, size: int) -> jax.Array:
-  """REPA's DINOv2 input: uint8-range (B, H, W, 3) -> (B, size, size, 3).
+def preprocess(images: jax.Array, size: int,
+               antialias: bool = False) -> jax.Array:
+  """DINOv2's input: uint8-range (B, H, W, 3) -> (B, size, size, 3).
 
   `images` hold values in [0, 255] (uint8 or float); they are divided by
   255, normalised with the ImageNet mean and std, then resized bicubically
-  as torch's F.interpolate(size=(size, size), mode="bicubic") does. Returns
-  float32.
+  as torch's F.interpolate(size=(size, size), mode="bicubic",
+  antialias=antialias) does: without antialiasing for REPA's targets, with
+  it for FD_DINOv2 (EDM2). (The resize rows sum to 1, so resizing before or
+  after the normalisation is the same.) Returns float32.
   """
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be (B, H, W, 3) in [0, 255], got shape "
@@ -128,8 +163,8 @@ def preprocess(images: jax.Array, size: int) -> jax.Array:
   _, h, w, _ = images.shape
   if (h, w) == (size, size):
     return x
-  return resize_2d(x, bicubic_matrix(h, size), bicubic_matrix(w, size),
-                   (1, 2))
+  matrix = antialiased_bicubic_matrix if antialias else bicubic_matrix
+  return resize_2d(x, matrix(h, size), matrix(w, size), (1, 2))
 
 
 def ffn_hidden(hidden_size: int, mlp_ratio: float, ffn: str) -> int:

@@ -238,23 +238,31 @@ def test_pos_embed_resize_matches_torch(m, grid):
   np.testing.assert_allclose(got, want.numpy(), **INTERP_TOL)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("shape,size", [((256, 256), 224), ((33, 47), 28),
-                                        ((20, 20), 48), ((30, 30), 30)])
-def test_preprocess_matches_torch(shape, size):
+                                        ((20, 20), 48), ((30, 30), 30),
+                                        ((512, 512), 224)])
+def test_preprocess_matches_torch(shape, size, antialias):
   images = np.random.default_rng(size).integers(0, 256, (2,) + shape + (3,),
                                                 dtype=np.uint8)
-  got = jax.jit(dinov2.preprocess, static_argnums=1)(images, size)
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+  got = jax.jit(dinov2.preprocess, static_argnums=(1, 2))(images, size,
+                                                          antialias)
+  # Without antialiasing jdit rounds the weights as torch's float32 kernel
+  # does; the antialiased weights are exact (float64, then float32), so they
+  # are compared with torch's float64 kernel, whose weights are exact too.
+  dtype = torch.float64 if antialias else torch.float32
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).to(dtype) / 255.0
   mean = torch.tensor(dinov2.IMAGENET_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(dinov2.IMAGENET_STD).view(1, 3, 1, 1)
   want = F.interpolate((x - mean) / std, size=(size, size), mode="bicubic",
-                       align_corners=False, antialias=False)
+                       align_corners=False, antialias=antialias)
   assert got.shape == (2, size, size, 3) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(),
                              **INTERP_TOL)
   # The same from float images in [0, 255].
   np.testing.assert_allclose(dinov2.preprocess(images.astype(np.float32),
-                                               size), got, rtol=0, atol=1e-6)
+                                               size, antialias), got, rtol=0,
+                             atol=1e-6)
 
 
 def test_bicubic_matrix_rows_sum_to_one():
@@ -262,6 +270,18 @@ def test_bicubic_matrix_rows_sum_to_one():
     mat = dinov2.bicubic_matrix(n_in, n_out, scale)
     assert mat.shape == (n_out, n_in)
     np.testing.assert_allclose(mat.sum(1), 1.0, atol=1e-6)
+
+
+def test_antialiased_matrix_averages_every_source_pixel():
+  """Shrinking 256 -> 8 (32 pixels per output): each output's weights cover
+  its own 32 pixels and their neighbours, sum to 1, and a constant image
+  stays constant; growing leaves the same-size case the identity."""
+  mat = dinov2.antialiased_bicubic_matrix(256, 8)
+  np.testing.assert_allclose(mat.sum(1), 1.0, atol=1e-6)
+  assert (np.abs(mat[3, 96:128]) > 0).all()  # its own block, all of it
+  assert (mat[3, :32] == 0).all() and (mat[3, 192:] == 0).all()
+  np.testing.assert_array_equal(dinov2.antialiased_bicubic_matrix(9, 9),
+                                np.eye(9, dtype=np.float32))
 
 
 def test_released_shapes():

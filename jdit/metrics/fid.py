@@ -5,7 +5,10 @@
       --inception pt_inception-2015-12-05-6726825d.pth
 
 prints one JSON object: fid, sfid, inception_score, precision, recall (null
-where the reference batch lacks what a metric needs), num_samples, num_ref.
+where the reference batch lacks what a metric needs), num_samples, num_ref;
+with `--dinov2 dinov2_vitl14_pretrain.pth` also fd_dinov2 (EDM2's Frechet
+distance in DINOv2 ViT-L/14 class-token space, images resized to 224 with
+antialiasing).
 With `--write_ref OUT.npz` instead of `--ref`, it writes the (real) images
 of --samples as a reference batch in ADM's format, for other datasets.
 
@@ -35,7 +38,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from jdit import sharding
+from jdit import dinov2, sharding
 from jdit.metrics import inception, scores
 
 
@@ -106,21 +109,27 @@ def _feature_fn(resize: str):
                                         inception.preprocess(x, resize)))
 
 
-class InceptionFeatures:
-  """Batched, jitted Inception features of uint8 images.
+@functools.lru_cache(maxsize=None)
+def _dinov2_fn(model):
+  """FD_DINOv2's features (EDM2, after dgm-eval): the class token of images
+  resized to 224 x 224 with antialiasing."""
+  return jax.jit(lambda p, x: {"dinov2": model.apply(
+      {"params": p}, dinov2.preprocess(x, 224, antialias=True))["cls"]})
+
+
+class BatchedFeatures:
+  """Batched, jitted features of uint8 images: `fn(params, images)` -> dict.
 
   Every batch is padded to `batch_size`, so the network compiles once per
   image size. With a `mesh`, each batch is split over its batch axes (the
   batch size must divide over them) and, on several hosts, gathered back, so
   every host gets all features.
   """
+  keys = ()
 
-  def __init__(self, params, batch_size: int = 100, resize: str = "adm",
-               mesh=None):
-    if resize not in inception.RESIZE_MODES:
-      raise ValueError(f"resize must be one of {inception.RESIZE_MODES}")
+  def __init__(self, fn, params, batch_size: int = 100, mesh=None):
     self.mesh, self.batch_size = mesh, batch_size
-    self._fn = _feature_fn(resize)
+    self._fn = fn
     if mesh is None:
       self.params = jax.device_put(params)
     else:
@@ -138,11 +147,10 @@ class InceptionFeatures:
       out = multihost_utils.process_allgather(out, tiled=True)
     return out
 
-  def __call__(self, batches, keys=("pool", "spatial", "logits")
-               ) -> dict[str, np.ndarray]:
+  def __call__(self, batches, keys=None) -> dict[str, np.ndarray]:
     """Features of an iterable of uint8 image batches, consumed one at a
-    time; only `keys` are kept."""
-    out = {k: [] for k in keys}
+    time; only `keys` (default: the class's) are kept."""
+    out = {k: [] for k in keys or self.keys}
     for batch in batches:
       for i in range(0, len(batch), self.batch_size):
         part = batch[i:i + self.batch_size]
@@ -156,6 +164,27 @@ class InceptionFeatures:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+class InceptionFeatures(BatchedFeatures):
+  """ADM's Inception features: pool (FID, precision, recall), spatial
+  (sFID) and logits (IS)."""
+  keys = ("pool", "spatial", "logits")
+
+  def __init__(self, params, batch_size: int = 100, resize: str = "adm",
+               mesh=None):
+    if resize not in inception.RESIZE_MODES:
+      raise ValueError(f"resize must be one of {inception.RESIZE_MODES}")
+    super().__init__(_feature_fn(resize), params, batch_size, mesh)
+
+
+class DINOv2Features(BatchedFeatures):
+  """FD_DINOv2's features of a DINOv2 (`convert_dinov2.load_dinov2`; EDM2
+  uses dinov2_vitl14)."""
+  keys = ("dinov2",)
+
+  def __init__(self, model, params, batch_size: int = 100, mesh=None):
+    super().__init__(_dinov2_fn(model), params, batch_size, mesh)
+
+
 def _check_stats(mu, sigma, dim, what):
   if mu.shape != (dim,) or sigma.shape != (dim, dim):
     raise ValueError(f"reference {what} statistics have shapes {mu.shape}, "
@@ -164,11 +193,13 @@ def _check_stats(mu, sigma, dim, what):
 
 def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
              resize: str = "adm", num_splits: int = 10, k: int = 3,
-             fid_method: str = "sqrtm") -> dict:
+             fid_method: str = "sqrtm", dinov2_encoder=None) -> dict:
   """All metrics of a sample .npz against an ADM reference .npz.
 
   fid_method: "sqrtm" (ADM's scipy.linalg.sqrtm) or "eigh" (faster, same
-  value to ~1e-6; see scores.frechet_distance).
+  value to ~1e-6; see scores.frechet_distance). dinov2_encoder: None, or
+  (model, params) of a DINOv2 for "fd_dinov2", against the reference's
+  mu_dinov2/sigma_dinov2 (`write_reference` with it) or its images.
   """
   reader = ImageBatchReader(samples)
   if not os.path.isfile(ref):
@@ -209,6 +240,9 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
     result["sfid"] = scores.frechet_distance(mu_s, sigma_s, *ref_s,
                                              method=fid_method)
 
+  if dinov2_encoder is not None:
+    result["fd_dinov2"] = _fd_dinov2(reader, ref, ref_npz, dinov2_encoder,
+                                     batch_size, fid_method)
   result["inception_score"] = scores.inception_score(
       feats["logits"], min(num_splits, len(reader)))
   result["precision"] = result["recall"] = None
@@ -218,9 +252,28 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
   return result
 
 
+def _fd_dinov2(reader, ref, ref_npz, encoder, batch_size, fid_method):
+  """FD_DINOv2 of the samples in `reader` against the reference."""
+  extract = DINOv2Features(*encoder, batch_size=batch_size)
+  mu, sigma = scores.statistics(extract(reader.batches(batch_size))["dinov2"])
+  if {"mu_dinov2", "sigma_dinov2"} <= set(ref_npz.files):
+    ref_stats = ref_npz["mu_dinov2"], ref_npz["sigma_dinov2"]
+  elif "arr_0" in ref_npz.files:
+    ref_stats = scores.statistics(extract(ImageBatchReader(ref).batches(
+        batch_size))["dinov2"])
+  else:
+    raise ValueError(f"{ref} has neither mu_dinov2/sigma_dinov2 nor images "
+                     f"for FD_DINOv2; write them with `--write_ref OUT "
+                     f"--dinov2 ...` from real images")
+  _check_stats(*ref_stats, len(mu), "DINOv2 (mu_dinov2, sigma_dinov2)")
+  return scores.frechet_distance(mu, sigma, *ref_stats, method=fid_method)
+
+
 def write_reference(images: str, out: str, inception_params,
-                    batch_size: int = 100, resize: str = "adm") -> int:
-  """Writes an ADM-style reference batch (mu, sigma, mu_s, sigma_s, arr_0).
+                    batch_size: int = 100, resize: str = "adm",
+                    dinov2_encoder=None) -> int:
+  """Writes an ADM-style reference batch (mu, sigma, mu_s, sigma_s, arr_0;
+  with `dinov2_encoder` also mu_dinov2, sigma_dinov2).
 
   For datasets without a published reference batch: `images` is an .npz
   with arr_0 uint8 (N, H, W, 3) real images. Returns N.
@@ -228,11 +281,15 @@ def write_reference(images: str, out: str, inception_params,
   reader = ImageBatchReader(images)
   feats = InceptionFeatures(inception_params, batch_size, resize)(
       reader.batches(batch_size))
-  mu, sigma = scores.statistics(feats["pool"])
-  mu_s, sigma_s = scores.statistics(feats["spatial"])
+  stats = dict(zip(("mu", "sigma"), scores.statistics(feats["pool"])))
+  stats.update(zip(("mu_s", "sigma_s"), scores.statistics(feats["spatial"])))
+  if dinov2_encoder is not None:
+    extract = DINOv2Features(*dinov2_encoder, batch_size=batch_size)
+    stats.update(zip(("mu_dinov2", "sigma_dinov2"), scores.statistics(
+        extract(reader.batches(batch_size))["dinov2"])))
   arr = np.concatenate(list(reader.batches(batch_size)))
   tmp = out + ".tmp.npz"
-  np.savez(tmp, arr_0=arr, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+  np.savez(tmp, arr_0=arr, **stats)
   os.replace(tmp, out)
   return len(reader)
 
@@ -252,6 +309,10 @@ def main(argv=None):
                            "images) as a reference batch with statistics")
   parser.add_argument("--inception", required=True,
                       help="local pt_inception-2015-12-05-6726825d.pth")
+  parser.add_argument("--dinov2", default=None,
+                      help="also FD_DINOv2 (EDM2's metric) with this local "
+                           "torch.hub DINOv2, e.g. "
+                           "dinov2_vitl14_pretrain.pth")
   parser.add_argument("--batch_size", type=int, default=100)
   parser.add_argument("--resize", choices=inception.RESIZE_MODES,
                       default="adm")
@@ -263,13 +324,19 @@ def main(argv=None):
   try:
     ImageBatchReader(args.samples)  # fail on bad samples before the work
     params = inception.load_inception(args.inception)
+    encoder = None
+    if args.dinov2:
+      from jdit import convert_dinov2  # pylint: disable=g-import-not-at-top
+      encoder = convert_dinov2.load_dinov2(args.dinov2)
     if args.write_ref:
       n = write_reference(args.samples, args.write_ref, params,
-                          args.batch_size, args.resize)
+                          args.batch_size, args.resize,
+                          dinov2_encoder=encoder)
       result = {"wrote": os.path.abspath(args.write_ref), "num_images": n}
     else:
       result = evaluate(args.samples, args.ref, params, args.batch_size,
-                        args.resize, fid_method=args.fid_method)
+                        args.resize, fid_method=args.fid_method,
+                        dinov2_encoder=encoder)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

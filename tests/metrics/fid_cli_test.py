@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 import inception_torch_ref
+from jdit import convert_dinov2, dinov2  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.dinov2_test import _torch_model as torch_dinov2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,22 @@ def files(tmp_path_factory):
   ref = rng.randint(0, 256, (9, 32, 32, 3)).astype(np.uint8)
   np.savez(d / "samples.npz", samples, np.arange(10))  # arr_0, arr_1
   np.savez(d / "ref_images.npz", ref)
+  torch.save(torch_dinov2(seed=2).state_dict(), d / "dinov2_tiny.pth")
   return d, samples, ref
+
+
+def _torch_dinov2_features(path, images):
+  """FD_DINOv2's features as EDM2 computes them: torch's antialiased
+  bicubic resize to 224, ImageNet normalisation, the class token."""
+  model = torch_dinov2()
+  model.load_state_dict(torch.load(path, weights_only=True))
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+  x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic",
+                                      antialias=True) / 255
+  mean = torch.tensor(dinov2.IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(dinov2.IMAGENET_STD).view(1, 3, 1, 1)
+  with torch.no_grad():
+    return model(((x - mean) / std).float())["cls"].double().numpy()
 
 
 def _run(capsys, *args):
@@ -46,7 +63,7 @@ def _run(capsys, *args):
 def _record(monkeypatch, fake_fid=None):
   """Records the features extracted and the statistics FID is given."""
   log = {"feats": [], "fid_args": []}
-  call = fid.InceptionFeatures.__call__
+  call = fid.BatchedFeatures.__call__
   real_fid = scores.frechet_distance
 
   def features(self, batches):
@@ -58,7 +75,7 @@ def _record(monkeypatch, fake_fid=None):
     log["fid_args"].append(args)
     return fake_fid if fake_fid is not None else real_fid(*args, **kw)
 
-  monkeypatch.setattr(fid.InceptionFeatures, "__call__", features)
+  monkeypatch.setattr(fid.BatchedFeatures, "__call__", features)
   monkeypatch.setattr(scores, "frechet_distance", frechet)
   return log
 
@@ -67,15 +84,28 @@ def test_cli_matches_library(files, capsys, monkeypatch):
   d, samples, ref = files
   inc = str(d / "pt_inception.pth")
   log = _record(monkeypatch)
+  dino = str(d / "dinov2_tiny.pth")
   out = _run(capsys, "--samples", str(d / "samples.npz"), "--ref",
              str(d / "ref_images.npz"), "--inception", inc,
-             "--batch_size", "4")
+             "--batch_size", "4", "--dinov2", dino)
   assert out["num_samples"] == 10 and out["num_ref"] == 9
-  fs, fr = log["feats"]
+  fs, fr, ds, dr = log["feats"]
   assert fs["pool"].shape == (10, 2048) and fs["spatial"].shape == (10, 2023)
   assert fr["pool"].shape == (9, 2048)
+  # FD_DINOv2 of the features EDM2's pipeline computes in torch.
+  torch_ds, torch_dr = (_torch_dinov2_features(dino, x)
+                        for x in (samples, ref))
+  # The class token of random weights varies little between images (std
+  # ~0.01 against values ~1): compare the deviations from the mean.
+  for got, want in ((ds["dinov2"], torch_ds), (dr["dinov2"], torch_dr)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got - got.mean(0), want - want.mean(0),
+                               rtol=0, atol=1e-5)
+  assert out["fd_dinov2"] == pytest.approx(scores.frechet_distance(
+      *scores.statistics(torch_ds), *scores.statistics(torch_dr),
+      method="eigh"), rel=1e-3)
   # FID and sFID were given the statistics of these features.
-  for got, want in zip(log["fid_args"],
+  for got, want in zip(log["fid_args"][:2],
                        [scores.statistics(fs["pool"]) +
                         scores.statistics(fr["pool"]),
                         scores.statistics(fs["spatial"]) +
@@ -110,13 +140,28 @@ def test_cli_matches_library(files, capsys, monkeypatch):
   # --write_ref: the reference-batch format, with the same statistics.
   fid.main(["--samples", str(d / "ref_images.npz"), "--write_ref",
             str(d / "ref_written.npz"), "--inception", inc,
-            "--batch_size", "4"])
+            "--batch_size", "4", "--dinov2", dino])
   assert json.loads(capsys.readouterr().out)["num_images"] == 9
   with np.load(d / "ref_written.npz") as f:
     np.testing.assert_array_equal(f["arr_0"], ref)
     np.testing.assert_allclose(f["mu"], scores.statistics(fr["pool"])[0],
                                rtol=1e-6, atol=1e-7)
     assert f["sigma_s"].shape == (2023, 2023)
+    np.testing.assert_allclose(f["mu_dinov2"], torch_dr.mean(0), rtol=1e-4,
+                               atol=1e-4)
+    dino_stats = {k: f[k] for k in ("mu_dinov2", "sigma_dinov2")}
+  # A reference of statistics only serves FD_DINOv2 as its images did.
+  monkeypatch.undo()
+  np.savez(d / "ref_dino_stats.npz", **dino_stats)
+  reader = fid.ImageBatchReader(str(d / "samples.npz"))
+  encoder = convert_dinov2.load_dinov2(dino)
+  got = fid._fd_dinov2(  # pylint: disable=protected-access
+      reader, "stats", np.load(d / "ref_dino_stats.npz"), encoder, 4, "eigh")
+  assert got == pytest.approx(out["fd_dinov2"], rel=1e-4)
+  with pytest.raises(ValueError, match="neither mu_dinov2/sigma_dinov2 nor "
+                                       "images"):
+    fid._fd_dinov2(  # pylint: disable=protected-access
+        reader, "stats", np.load(d / "ref_stats.npz"), encoder, 4, "eigh")
   np.savez(d / "ref_bad.npz", mu=stats["mu"][:10], sigma=np.eye(10))
   with pytest.raises(ValueError, match="expected .2048,."):
     fid.evaluate(str(d / "samples.npz"), str(d / "ref_bad.npz"), params,
