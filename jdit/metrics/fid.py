@@ -36,6 +36,7 @@ from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from jdit import dinov2, sharding
@@ -182,6 +183,10 @@ class DINOv2Features(BatchedFeatures):
   keys = ("dinov2",)
 
   def __init__(self, model, params, batch_size: int = 100, mesh=None):
+    # float32 matmuls in full (not TF32 on GPUs), as the Inception's and
+    # torch's default: a metric should not move with the hardware.
+    model = model.clone(dtype=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST)
     super().__init__(_dinov2_fn(model), params, batch_size, mesh)
 
 
