@@ -219,10 +219,13 @@ def main(argv):
   params = jax.device_put(params, replicated)
   guide = load_guide(config, model, replicated)
   decode = evaluation.latent_decoder(config)  # None for pixel models
-  sampler = sampling.Sampler(model, objective, params, mesh=mesh,
-                             sampler=_SAMPLER.value or None,
-                             steps=_STEPS.value or None, guidance=guidance,
-                             decode=decode, cache=cache, guide=guide)
+  try:
+    sampler = sampling.Sampler(model, objective, params, mesh=mesh,
+                               sampler=_SAMPLER.value or None,
+                               steps=_STEPS.value or None, guidance=guidance,
+                               decode=decode, cache=cache, guide=guide)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   par = sharding.batch_parallelism(mesh)
   chunk = _BATCH.value or -(-min(64, n) // par) * par
   logging.info("sampling %d images with %s, %d steps", n, sampler.sampler,

@@ -172,6 +172,11 @@ class Evaluator:
     except ValueError as err:
       raise ValueError(f"config.eval.sampler/steps (or config.sample's): "
                        f"{err}") from err
+    try:
+      sampling.check_cfg(model, self.cfg_scale)
+    except ValueError as err:
+      raise ValueError(f"config.eval.cfg_scale={self.cfg_scale} (or "
+                       f"config.sample's): {err}") from err
     self.decode = latent_decoder(config)
     channels = 3 if self.decode else model.input_shape[-1]
     if channels not in (1, 3):

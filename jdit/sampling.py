@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from jdit import diffusion, feature_cache, sharding
+from jdit.diffusion.guidance import check_guidance
 from jdit.models import build_model
 
 MODEL_KEYS_NOT_OVERRIDES = ("name",)
@@ -62,6 +63,19 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
   """[-1, 1] floats -> uint8 [0, 255], as the ADM evaluator expects."""
   return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(
       np.uint8)
+
+
+def check_cfg(model, guidance, guide=None) -> None:
+  """Classifier-free guidance needs the null class that label dropout
+  trains; without it the unconditional branch would silently read another
+  class's embedding."""
+  if (check_guidance(guidance) is not None and guide is None
+      and getattr(model, "class_dropout_prob", 1) == 0):
+    raise ValueError("classifier-free guidance needs a model trained with "
+                     "label dropout (a null class); this one has "
+                     "class_dropout_prob=0. Guide it with a weaker model "
+                     "instead (autoguidance: a guide checkpoint), or sample "
+                     "with guidance scale 1")
 
 
 # What a network's output means at a given time input, per objective: a
@@ -141,6 +155,7 @@ class Sampler:
       cache.check_evaluations(objective.evaluations(sampler, steps))
     self.shape = model.input_shape
     guide_model, self.guide_params = guide or (None, None)
+    check_cfg(model, guidance, guide)
 
     def run(params, guide_params, key, y):
       noise = jax.random.normal(jax.random.fold_in(key, 0),

@@ -332,10 +332,11 @@ def _check_finite(loss: float, step: int, mngr) -> None:
 
 
 def write_sample_grid(config, model, objective, params, mesh, workdir, step):
-  """Samples `per_class` images of every class with the EMA params."""
+  """Samples `per_class` images of every class with the EMA params (a
+  model without a null class, class_dropout_prob=0, unguided)."""
   s = config.sample
-  guidance = diffusion.Guidance(scale=float(s.cfg_scale),
-                                null_label=model.num_classes)
+  scale = float(s.cfg_scale) if model.class_dropout_prob > 0 else 1.0
+  guidance = diffusion.Guidance(scale=scale, null_label=model.num_classes)
   sampler = sampling.Sampler(model, objective, params, mesh=mesh,
                              sampler=s.sampler or None, steps=s.steps or None,
                              guidance=guidance)

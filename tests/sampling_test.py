@@ -137,3 +137,15 @@ def test_parts_of_another_run_are_refused_and_kept(setup, tmp_path):
   np.testing.assert_array_equal(
       np.load(tmp_path / "s.npz.parts" / "000000.npy"), kept)
   assert not os.path.exists(out)
+
+
+def test_cfg_needs_a_null_class(setup):
+  model = setup[0]
+  plain = model.clone(class_dropout_prob=0.0)
+  with pytest.raises(ValueError, match="class_dropout_prob=0.*autoguidance"):
+    sampling.check_cfg(plain, diffusion.Guidance(2.0, CLASSES))
+  sampling.check_cfg(plain, diffusion.Guidance(2.0, CLASSES),
+                     guide=(model, None))
+  sampling.check_cfg(plain, None)
+  sampling.check_cfg(plain, 1.0)
+  sampling.check_cfg(model, 2.0)

@@ -7,6 +7,8 @@
       --data_dir ~/tensorflow_datasets --image_size 256 \\
       --vae /ckpt/sd-vae-ft-ema --out /data/latents/in256
 
+A folder's labels are its class subdirectories, or with --labels none
+there are none (one class, every image at any depth: FFHQ, CelebA-HQ).
 Neither source needs TensorFlow; a TFDS one must be prepared as ArrayRecord
 (jdit.data.prepare_imagenet builds imagenet2012 that way from the ILSVRC2012
 tars). Images get ADM's centre crop (jdit.data.imagenet); with --flip both
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "dataset name such as imagenet2012 (prepared as ArrayRecord)")
   p.add_argument("--data_dir", default="", help="TFDS data dir (TFDS source)")
   p.add_argument("--folder", default="", help="image folder root (folder)")
+  p.add_argument("--labels", choices=imagenet.LABEL_SOURCES, default="dirs",
+                 help="folder: labels from class subdirectories, or 'none' "
+                 "(every image at any depth, one class: unconditional)")
   p.add_argument("--split", default="train")
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--vae", required=True,
@@ -216,7 +221,8 @@ def extract(args: argparse.Namespace) -> dict:
   shapes = _bucket_shapes(args, f)
   source = imagenet.open_source(
       args.source, data_dir=args.data_dir, folder=args.folder,
-      split=args.split, image_size=args.image_size, workers=args.workers)
+      split=args.split, image_size=args.image_size, workers=args.workers,
+      labels=args.labels)
   if host == 0:
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftovers
     os.makedirs(tmp)

@@ -44,6 +44,9 @@ TFDS_NAME = "imagenet2012"
 FOLDER_LAYOUT = "<root>/<class>/*.JPEG (e.g. ImageNet's train/n01440764/*.JPEG)"
 # Folder names tried for a split: TFDS calls ImageNet's "val" "validation".
 FOLDER_SPLITS = {"validation": ("validation", "val")}
+# Where an image folder's labels come from: its class subdirectories, or
+# nowhere (one class: unconditional models).
+LABEL_SOURCES = ("dirs", "none")
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -216,26 +219,45 @@ class _Subset(_CroppedImages):
 
 
 class ImageFolder(_CroppedImages):
-  """Images in `root/<class_dir>/<file>`, labels from sorted class dirs.
+  """Images in `root/<class_dir>/<file>`, labels from sorted class dirs;
+  with labels="none", every image under `root` (any depth: FFHQ's
+  00000/..69000/ shards, a flat CelebA-HQ folder), all of class 0, for
+  unconditional models.
 
   Attributes:
-    classes: class directory names, sorted; label i is classes[i].
-    paths, labels: all images, sorted by class, then file name.
+    classes: class directory names, sorted; label i is classes[i] (labels
+      "none": the one class "unlabeled").
+    paths, labels: all images, sorted by class, then file name (labels
+      "none": by path).
   """
 
-  def __init__(self, root: str, image_size: int, workers: int = 16):
+  def __init__(self, root: str, image_size: int, workers: int = 16,
+               labels: str = "dirs"):
     super().__init__(image_size, workers)
     root = os.path.expanduser(root)
+    if labels not in LABEL_SOURCES:
+      raise ValueError(f"labels must be one of {LABEL_SOURCES}, got "
+                       f"{labels!r}")
     if not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist; "
                               f"expected {FOLDER_LAYOUT}")
     self.root = root
+    if labels == "none":
+      self.classes = ["unlabeled"]
+      self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root)
+                          for f in files if _is_image(f))
+      self.labels = [0] * len(self.paths)
+      if not self.paths:
+        raise ValueError(f"image folder {root!r} holds no images with "
+                         f"extensions {IMAGE_EXTENSIONS} at any depth")
+      return
     entries = list(os.scandir(root))
     self.classes = sorted(e.name for e in entries if e.is_dir())
     if not self.classes:
       loose = sum(e.is_file() and _is_image(e.name) for e in entries)
       found = (f"{loose} images but no class subdirectories (ImageNet's "
-               f"flat val/ images must first be moved into <wnid>/ dirs)"
+               f"flat val/ images must first be moved into <wnid>/ dirs; "
+               f"unlabeled images take labels='none')"
                if loose else "no class subdirectories")
       raise ValueError(f"image folder {root!r} has {found}; expected "
                        f"{FOLDER_LAYOUT}")
@@ -315,12 +337,16 @@ class TFDSImages(_CroppedImages):
 
 def open_source(source: str, *, data_dir: str = "", folder: str = "",
                 split: str = "train", image_size: int = 256,
-                workers: int = 16) -> _CroppedImages:
-  """`folder` (an ImageFolder at `folder`) or a TFDS dataset name."""
+                workers: int = 16, labels: str = "dirs") -> _CroppedImages:
+  """`folder` (an ImageFolder at `folder`, labelled as `labels` says) or a
+  TFDS dataset name."""
   if source == "folder":
     if not folder:
       raise ValueError("--source folder needs --folder PATH")
-    return ImageFolder(folder, image_size, workers)
+    return ImageFolder(folder, image_size, workers, labels)
+  if labels != "dirs":
+    raise ValueError(f"--labels {labels} applies to --source folder; TFDS "
+                     f"datasets bring their labels")
   return TFDSImages(source, data_dir, split, image_size, workers)
 
 

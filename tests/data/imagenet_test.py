@@ -1,6 +1,7 @@
 """ImageNet path: ADM crops, the image folder, latent extraction, training."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -116,6 +117,35 @@ def test_image_folder_labels_from_sorted_class_dirs(folder, tmp_path):
   (tmp_path / "n01" / "broken.JPEG").write_text("not an image")
   with pytest.raises(ValueError, match="cannot decode.*broken.JPEG"):
     imagenet.ImageFolder(str(tmp_path), SIZE)[0]
+
+
+def test_unlabeled_folder_is_one_class_at_any_depth(folder, tmp_path):
+  f = imagenet.ImageFolder(folder, SIZE, labels="none")
+  assert f.classes == ["unlabeled"] and f.num_classes == 1
+  assert f.paths == sorted(imagenet.ImageFolder(folder, SIZE).paths)
+  assert f.labels == [0] * NUM_CLASSES * PER_CLASS
+  np.testing.assert_array_equal(
+      f[3]["image"], imagenet.center_crop_arr(Image.open(f.paths[3]), SIZE))
+  # FFHQ-style shards and loose images alike; the flat folder that the
+  # class-directory layout refuses points here.
+  os.makedirs(tmp_path / "00000" / "deeper")
+  _image(1).save(tmp_path / "top.png")
+  _image(2).save(tmp_path / "00000" / "a.png")
+  _image(3).save(tmp_path / "00000" / "deeper" / "b.JPEG", format="PNG")
+  nested = imagenet.ImageFolder(str(tmp_path), SIZE, labels="none")
+  assert [os.path.relpath(p, tmp_path) for p in nested.paths] == [
+      os.path.join("00000", "a.png"), os.path.join("00000", "deeper",
+                                                   "b.JPEG"), "top.png"]
+  shutil.rmtree(tmp_path / "00000")
+  with pytest.raises(ValueError, match="unlabeled images take labels='none'"):
+    imagenet.ImageFolder(str(tmp_path), SIZE)
+  (tmp_path / "top.png").unlink()
+  with pytest.raises(ValueError, match="no images .* at any depth"):
+    imagenet.ImageFolder(str(tmp_path), SIZE, labels="none")
+  with pytest.raises(ValueError, match="labels must be one of"):
+    imagenet.ImageFolder(folder, SIZE, labels="files")
+  with pytest.raises(ValueError, match="applies to --source folder"):
+    imagenet.open_source("imagenet2012", labels="none")
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +344,29 @@ def test_two_hosts_write_the_same_dataset(extracted, monkeypatch, tmp_path):
   with open(os.path.join(one_host, latents.STATS_FILE)) as fh:
     np.testing.assert_allclose(stats["channel_std"],
                                json.load(fh)["channel_std"], rtol=1e-6)
+
+
+def test_unconditional_latents_train(extracted, folder, tiny_config,
+                                     tmp_path):
+  """--labels none: one class; a model without label dropout trains on it
+  and its end-of-run grid is sampled unguided."""
+  # (the flag --store_images, last and valueless, falls out of the pairs)
+  base = dict(zip(extracted[3][::2], extracted[3][1::2]))
+  out = str(tmp_path / "ffhq")
+  extract_latents.main(sum(([k, v] for k, v in {
+      **base, "--out": out, "--labels": "none", "--flip": "none"}.items()),
+                           []))
+  stats = latents.read_stats(out)
+  assert (stats["num_classes"], stats["num_examples"]) == (
+      1, NUM_CLASSES * PER_CLASS)
+  source = data.load_source("latents", "train", out)
+  assert {int(source[i]["label"]) for i in range(len(source))} == {0}
+  c = tiny_config
+  c.data.name, c.data.data_dir = "latents", out
+  c.model.update(input_size=4, in_channels=4, num_classes=1,
+                 class_dropout_prob=0.0)
+  c.batch_size, c.total_steps, c.sample.per_class = 8, 1, 2
+  assert c.sample.cfg_scale > 1  # the default; no null class to guide with
+  train_lib.run(c, str(tmp_path / "run"))
+  with np.load(tmp_path / "run" / "samples_step1.npz") as f:
+    assert f["arr_0"].shape[0] == 2 and set(f["arr_1"].tolist()) == {0}
