@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_samples = 10_000      # FID-10K
   c.eval.ref = ""                  # ADM reference batch .npz (mu, sigma)
   c.eval.inception = ""            # local pt_inception-2015-12-05-6726825d.pth
+  c.eval.dinov2 = ""               # also eval/fd_dinov2 (EDM2) with this
+  #                                  dinov2_vitl14_pretrain.pth; ref needs
+  #                                  mu_dinov2/sigma_dinov2 (--write_ref)
   c.eval.batch_size = 128          # images per sampling/Inception batch
   c.eval.sampler = ""              # "" = sample.sampler
   c.eval.steps = 0                 # 0 = sample.steps

@@ -1,4 +1,4 @@
-"""FID (and Inception Score) of EMA samples during training.
+"""FID (and Inception Score, and FD_DINOv2) of EMA samples during training.
 
 Configured by `config.eval` (see configs/default.py); off when `every` is 0.
 Every `every` steps and at the last step, the trainer calls an `Evaluator`
@@ -66,6 +66,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(os.path.expanduser(path)):
       raise ValueError(f"config.eval.{key}={path!r} does not exist; expected "
                        f"{expected}")
+  dinov2 = e.get("dinov2") or ""
+  if dinov2 and not os.path.isfile(os.path.expanduser(dinov2)):
+    raise ValueError(f"config.eval.dinov2={dinov2!r} does not exist; "
+                     f"expected torch.hub's dinov2_vitl14_pretrain.pth")
 
 
 def latent_decoder(config: ml_collections.ConfigDict):
@@ -88,29 +92,32 @@ def cycled_labels(base: np.ndarray, n: int, num_classes: int) -> np.ndarray:
   return sampling.check_labels(np.resize(np.asarray(base), n), num_classes)
 
 
-def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """mu, sigma of an ADM reference batch, checked against Inception's size."""
+def load_reference(path: str, keys=("mu", "sigma"), d: int = POOL_FEATURES,
+                   what: str = "Inception pool features"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The statistics `keys` of an ADM reference batch, checked against the
+  feature size `d` (Inception's, or DINOv2's with mu_dinov2/sigma_dinov2)."""
   try:
     ref = np.load(os.path.expanduser(path))
-    keys = set(ref.files)
+    present = set(ref.files)
   except Exception as e:  # not an .npz: numpy raises several types
     raise ValueError(f"config.eval.ref={path!r} is not a readable .npz: "
                      f"{e}") from e
-  if not {"mu", "sigma"} <= keys:
+  if not set(keys) <= present:
+    dinov2 = " --dinov2 ..." if "dinov2" in keys[0] else ""
     raise ValueError(
-        f"config.eval.ref={path!r} has no mu/sigma statistics (it has "
-        f"{sorted(keys)}); write them from real images with `python -m "
-        f"jdit.metrics.fid --samples IMAGES.npz --write_ref OUT.npz "
-        f"--inception ...`")
-  mu, sigma = np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"],
-                                                             np.float64)
-  d = POOL_FEATURES
+        f"config.eval.ref={path!r} has no {'/'.join(keys)} statistics (it "
+        f"has {sorted(present)}); write them from real images with `python "
+        f"-m jdit.metrics.fid --samples IMAGES.npz --write_ref OUT.npz "
+        f"--inception ...{dinov2}`")
+  mu, sigma = (np.asarray(ref[k], np.float64) for k in keys)
   if mu.shape != (d,) or sigma.shape != (d, d):
     raise ValueError(
-        f"config.eval.ref={path!r} has statistics mu {mu.shape}, sigma "
-        f"{sigma.shape}; Inception pool features need ({d},), ({d}, {d})")
+        f"config.eval.ref={path!r} has statistics {keys[0]} {mu.shape}, "
+        f"{keys[1]} {sigma.shape}; {what} need ({d},), ({d}, {d})")
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-    raise ValueError(f"config.eval.ref={path!r}: mu or sigma is not finite")
+    raise ValueError(f"config.eval.ref={path!r}: {keys[0]} or {keys[1]} is "
+                     f"not finite")
   return mu, sigma
 
 
@@ -146,7 +153,7 @@ class Evaluator:
 
   Built once before training (loading and checking everything it needs);
   called with the EMA params, returns {"eval/fid", "eval/inception_score",
-  "eval/seconds"}.
+  "eval/seconds"} and, with config.eval.dinov2, "eval/fd_dinov2".
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, objective,
@@ -191,6 +198,19 @@ class Evaluator:
                        f"FID Inception-v3 weights file: {err}") from err
     self.inception = fid.InceptionFeatures(params, self.batch_size,
                                            mesh=mesh)
+    self.dinov2 = None
+    if e.get("dinov2"):
+      from jdit import convert_dinov2  # pylint: disable=g-import-not-at-top
+      try:
+        encoder = convert_dinov2.load_dinov2(os.path.expanduser(e.dinov2))
+      except Exception as err:  # torch/pickle/key mismatches: many types
+        raise ValueError(f"config.eval.dinov2={e.dinov2!r} is not a DINOv2 "
+                         f"checkpoint: {err}") from err
+      self.ref_dinov2 = load_reference(
+          e.ref, ("mu_dinov2", "sigma_dinov2"), encoder[0].hidden_size,
+          "DINOv2 class tokens")
+      self.dinov2 = fid.DINOv2Features(*encoder, batch_size=self.batch_size,
+                                       mesh=mesh)
     self.labels = cycled_labels(np.arange(model.num_classes),
                                 self.num_samples, model.num_classes)
     self._sampler = None
@@ -224,13 +244,24 @@ class Evaluator:
     Only Inception features are kept, 2048 + 1008 floats an image: FID-50K
     of 256px samples holds 0.6 GB on the host, not the 9.8 GB of the images.
     """
-    rgb = (np.repeat(b, 3, axis=-1) if b.shape[-1] == 1 else b
-           for b in batches)  # grayscale (digits): Inception wants RGB
-    feats = self.inception(rgb, keys=("pool", "logits"))
-    fid = frechet_distance_to(feats["pool"], self.ref_mu, self.ref_sigma)
-    inception_score = scores.inception_score(
-        feats["logits"], min(IS_SPLITS, len(feats["logits"])))
-    return {"eval/fid": fid, "eval/inception_score": inception_score}
+    feats = {"pool": [], "logits": [], "dinov2": []}
+    for b in batches:
+      if b.shape[-1] == 1:  # grayscale (digits): the networks want RGB
+        b = np.repeat(b, 3, axis=-1)
+      for key, value in self.inception([b], keys=("pool", "logits")).items():
+        feats[key].append(value)
+      if self.dinov2 is not None:
+        feats["dinov2"].append(self.dinov2([b])["dinov2"])
+    feats = {k: np.concatenate(v) for k, v in feats.items() if v}
+    result = {
+        "eval/fid": frechet_distance_to(feats["pool"], self.ref_mu,
+                                        self.ref_sigma),
+        "eval/inception_score": scores.inception_score(
+            feats["logits"], min(IS_SPLITS, len(feats["logits"])))}
+    if self.dinov2 is not None:
+      result["eval/fd_dinov2"] = frechet_distance_to(feats["dinov2"],
+                                                     *self.ref_dinov2)
+    return result
 
   def __call__(self, params) -> dict[str, float]:
     start = time.time()

@@ -237,3 +237,38 @@ def test_low_rank_fid_equals_the_full_computation(n):
   np.testing.assert_allclose(
       evaluation.frechet_distance_to(features, ref_mu, ref_sigma), full,
       rtol=1e-6)
+
+
+def test_fd_dinov2_is_scored_with_fid(tiny_config, eval_files, tmp_path):
+  """config.eval.dinov2: eval/fd_dinov2 against the reference's
+  mu_dinov2/sigma_dinov2, equal to the FID command's FD_DINOv2."""
+  from tests.dinov2_test import _torch_model  # pylint: disable=g-import-not-at-top
+  from jdit import convert_dinov2  # pylint: disable=g-import-not-at-top
+  weights = str(tmp_path / "dinov2_tiny.pth")
+  torch.save(_torch_model(seed=4).state_dict(), weights)
+  c = _with_eval(tiny_config, eval_files, dinov2=weights)
+  model, objective = sampling.model_from_config(c)
+  mesh = sharding.create_mesh(c.mesh)
+  with pytest.raises(ValueError, match="no mu_dinov2/sigma_dinov2 .* "
+                                       "--dinov2"):
+    evaluation.Evaluator(c, model, objective, mesh)
+  rng = np.random.RandomState(1)
+  a = rng.normal(size=(128, 16))
+  with np.load(eval_files["ref"]) as f:
+    c.eval.ref = _bad_ref(eval_files, "with_dinov2.npz", mu=f["mu"],
+                          sigma=f["sigma"], mu_dinov2=rng.normal(size=128),
+                          sigma_dinov2=a @ a.T / 16)
+  evaluator = evaluation.Evaluator(c, model, objective, mesh)
+  images = evaluator.images(_init(model, (8, 8, 1)))
+  got = evaluator.metrics([images])
+  samples = str(tmp_path / "samples.npz")
+  np.savez(samples, arr_0=np.repeat(images, 3, axis=-1))
+  want = fid_lib._fd_dinov2(  # pylint: disable=protected-access
+      fid_lib.ImageBatchReader(samples), c.eval.ref, np.load(c.eval.ref),
+      convert_dinov2.load_dinov2(weights), 5, "eigh")
+  np.testing.assert_allclose(got["eval/fd_dinov2"], want, rtol=1e-5)
+  assert np.isfinite(got["eval/fid"])
+  c.eval.dinov2 = str(tmp_path / "missing.pth")
+  with pytest.raises(ValueError, match="config.eval.dinov2=.* does not "
+                                       "exist"):
+    evaluation.validate_config(c)
