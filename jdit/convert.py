@@ -79,6 +79,23 @@ def load_state_dict(path: str) -> dict[str, Any]:
                    f"{TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}")
 
 
+DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
+                          "diffusion_pytorch_model.bin")
+
+
+def diffusers_weights(path: str) -> tuple[str, str]:
+  """(directory, weight file) of a diffusers model directory (its
+  diffusion_pytorch_model.safetensors or .bin) or of a weight file."""
+  path = os.path.expanduser(path)
+  if not os.path.isdir(path):
+    return os.path.dirname(os.path.abspath(path)), path
+  for name in DIFFUSERS_WEIGHT_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return path, os.path.join(path, name)
+  raise FileNotFoundError(f"{path} holds no diffusers weights "
+                          f"({' or '.join(DIFFUSERS_WEIGHT_FILES)})")
+
+
 def unwrap_state_dict(obj: Any, prefer: tuple[str, ...] = ("ema", "model",
                                                            "state_dict")
                       ) -> dict[str, Any]:

@@ -4,6 +4,8 @@
       --model DiT-XL/2 [--image_size 256] [--vae sd-vae-ft-ema/] --out DIR
   python -m jdit.convert dit --checkpoint SiT-XL-2-256x256.pt \
       --model DiT-XL/2 --objective sit --vae sd-vae-ft-ema/ --out DIR
+  python -m jdit.convert dit --checkpoint DiT-XL-2-256/transformer \
+      --model DiT-XL/2 --vae DiT-XL-2-256/vae --out DIR     # the Hub's
   python -m jdit.convert vae \
       --checkpoint diffusion_pytorch_model.safetensors --out DIR
   python -m jdit.convert vae \
@@ -29,6 +31,7 @@ import argparse
 import ast
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -36,7 +39,7 @@ import tempfile
 
 import ml_collections
 
-from jdit import convert, convert_vae, vae as vae_lib
+from jdit import convert, convert_dit_diffusers, convert_vae, vae as vae_lib
 from jdit.models import build_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,9 +162,27 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, value
 
 
+def _diffusers_dit(sd, directory: str, args) -> dict:
+  """A DiTTransformer2DModel's weights in the official layout; its latent
+  side from --input_size, else config.json's sample_size."""
+  size = args.input_size
+  if size is None:
+    config = os.path.join(directory, "config.json")
+    if not os.path.isfile(config):
+      raise ValueError(f"{args.checkpoint} holds diffusers DiT weights "
+                       f"without the config.json beside them; give the "
+                       f"latent side with --input_size")
+    with open(config) as f:
+      size = json.load(f).get("sample_size")
+  return convert_dit_diffusers.official_state_dict(sd, int(size))
+
+
 def convert_dit(args) -> str:
   check_out_dir(args.out)
-  sd = convert.load_state_dict(args.checkpoint)
+  directory, weights = convert.diffusers_weights(args.checkpoint)
+  sd = convert.load_state_dict(weights)
+  if convert_dit_diffusers.is_diffusers_dit(sd):
+    sd = _diffusers_dit(sd, directory, args)
   overrides = dict(parse_override(o) for o in args.override)
   for key in ("in_channels", "num_classes", "input_size"):
     if getattr(args, key) is not None:
@@ -316,7 +337,9 @@ def main(argv=None):
   sub = parser.add_subparsers(dest="command", required=True)
   d = sub.add_parser("dit", help="official facebookresearch/DiT checkpoint")
   d.add_argument("--checkpoint", required=True,
-                 help="DiT-XL-2-256x256.pt or a DiT train.py checkpoint")
+                 help="DiT-XL-2-256x256.pt, a DiT train.py checkpoint, or "
+                      "diffusers' DiTTransformer2DModel (the Hub's "
+                      "facebook/DiT-XL-2-256/transformer directory)")
   d.add_argument("--model", required=True,
                  help='e.g. "DiT-XL/2" (DiT, SiT) or "DiT-MoE-S/2-8E2A"')
   d.add_argument("--objective", choices=sorted(OBJECTIVES), default="ddpm",

@@ -22,8 +22,6 @@ from jdit.vae import SD_VAE_SCALE_FACTOR, AutoencoderKL, check_latent_stats
 # Old diffusers attention names -> new ones.
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v",
                   "proj_attn": "to_out.0"}
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
-                 "diffusion_pytorch_model.bin")
 
 
 def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,17 +304,13 @@ def load_diffusers_vae(path: str, dtype=None, scale_factor: float | None = None,
   with it the scale factor defaults to 1.0 (LightningDiT's
   latent_multiplier), without it to SD-VAE's 0.18215.
   """
-  path = os.path.expanduser(path)
-  if os.path.isdir(path):
-    files = [os.path.join(path, f) for f in _WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, f))]
-    if not files:
-      raise FileNotFoundError(
-          f"{path} holds neither a jdit VAE (vae_config.json) nor diffusers "
-          f"weights ({' or '.join(_WEIGHT_FILES)})")
-    directory, weights = path, files[0]
-  else:
-    directory, weights = os.path.dirname(os.path.abspath(path)), path
+  try:
+    directory, weights = convert.diffusers_weights(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f"{os.path.expanduser(path)} holds neither a jdit VAE "
+        f"(vae_config.json) nor diffusers weights "
+        f"({' or '.join(convert.DIFFUSERS_WEIGHT_FILES)})") from e
   sd = convert.load_state_dict(weights)
   # A config.json beside an LDM checkpoint is not a diffusers VAE's.
   ldm = convert_ldm_vae.is_ldm(convert.unwrap_state_dict(sd, ("state_dict",)))
