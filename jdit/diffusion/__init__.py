@@ -37,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
   # "mse" (DiT: MSE(eps) + unscaled VB when sigma is learned) |
   # "rescaled_mse" (VB * T/1000) | "kl" | "rescaled_kl" (VB only).
   d.loss_type = "mse"
+  d.min_snr_gamma = 0.0       # > 0: weigh the eps MSE by min(SNR, gamma) /
+  #                             SNR (Min-SNR-gamma; the paper's gamma: 5).
   d.sigma_small = False       # Fixed variance (learn_sigma=False): posterior
   #                             variance (small) instead of beta_t (large).
   d.clip_denoised = False     # Clamp predicted x0 to [-1, 1] when sampling

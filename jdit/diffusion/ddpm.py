@@ -55,7 +55,8 @@ class DDPM(objective.Objective):
     self.diffusion = gaussian.GaussianDiffusion(
         gaussian.get_beta_schedule(config.beta_schedule, config.num_timesteps),
         variance=variance, loss_type=config.loss_type,
-        clip_denoised=config.clip_denoised)
+        clip_denoised=config.clip_denoised,
+        min_snr_gamma=config.min_snr_gamma)
     self.num_timesteps = config.num_timesteps
     self.default_sampler = config.sampler
     self.default_steps = config.steps

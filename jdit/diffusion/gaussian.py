@@ -80,15 +80,26 @@ class GaussianDiffusion:
       factor only applies to "rescaled_mse").
     clip_denoised: clamp predicted x0 to [-1, 1] (pixel models); DiT samples
       latents with clip_denoised=False.
+    min_snr_gamma: gamma > 0 weighs the eps MSE of timestep t by
+      min(SNR_t, gamma) / SNR_t (Min-SNR-gamma, Hang et al. 2023, who use
+      5): the nearly clean timesteps, whose high SNR makes them dominate the
+      gradients of the plain MSE, are down-weighted. 0 = off (ADM/DiT).
   """
 
   def __init__(self, betas, *, variance="learned_range", loss_type="mse",
-               clip_denoised=False):
+               clip_denoised=False, min_snr_gamma=0.0):
     if variance not in VARIANCES:
       raise ValueError(f"Unknown variance {variance!r}; allowed: {VARIANCES}.")
     if loss_type not in LOSS_TYPES:
       raise ValueError(
           f"Unknown loss_type {loss_type!r}; allowed: {LOSS_TYPES}.")
+    if not min_snr_gamma >= 0 or (min_snr_gamma
+                                  and loss_type not in ("mse",
+                                                        "rescaled_mse")):
+      raise ValueError(f"min_snr_gamma must be >= 0 and weighs an MSE "
+                       f"loss; got {min_snr_gamma} with loss_type "
+                       f"{loss_type!r}.")
+    self.min_snr_gamma = float(min_snr_gamma)
     betas = np.asarray(betas, np.float64)
     if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
       raise ValueError("betas must be a 1-D array in (0, 1].")
@@ -239,6 +250,8 @@ class GaussianDiffusion:
       return terms
     eps, v = self.split_output(model_out, channels)
     terms["mse"] = mean_flat((noise - eps) ** 2)
+    mse = terms["mse"] * self.mse_weight(t) if self.min_snr_gamma else (
+        terms["mse"])
     if v is not None:
       frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
       vb, _ = self.vb_terms_bpd(frozen, x0, x_t, t)
@@ -247,7 +260,13 @@ class GaussianDiffusion:
         # affecting the vb scale for other T.
         vb = vb * (self.num_timesteps / 1000.0)
       terms["vb"] = vb
-      terms["loss"] = terms["mse"] + vb
+      terms["loss"] = mse + vb
     else:
-      terms["loss"] = terms["mse"]
+      terms["loss"] = mse
     return terms
+
+  def mse_weight(self, t):
+    """Min-SNR-gamma's weight of the eps MSE at integer timesteps t."""
+    snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+    weight = np.minimum(snr, self.min_snr_gamma) / snr
+    return jnp.asarray(weight, jnp.float32)[t]
