@@ -289,10 +289,11 @@ def _resume(parts: str, manifest: dict, total: int) -> tuple[np.ndarray, str]:
   """(chunks already in `parts`, "" or why they cannot be used)."""
   path = os.path.join(parts, "manifest.json")
   done = np.zeros(total, bool)
+  manifest = json.loads(json.dumps(manifest))  # tuples read back as lists
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
-    if old != json.loads(json.dumps(manifest)):
+    if old != manifest:
       keys = sorted(k for k in set(old) | set(manifest)
                     if old.get(k) != manifest.get(k))
       changed = [k for k in keys if k != "identity"] + [
