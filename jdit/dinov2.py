@@ -141,9 +141,10 @@ def interpolate_pos_embed(patch_pos: jax.Array,
   return resize_2d(patch_pos.astype(jnp.float32), rows, cols, (0, 1))
 
 
-def preprocess(images: jax.Array, size: int,
+def preprocess(images: jax.Array, size: int | tuple[int, int],
                antialias: bool = False) -> jax.Array:
-  """DINOv2's input: uint8-range (B, H, W, 3) -> (B, size, size, 3).
+  """DINOv2's input: uint8-range (B, H, W, 3) -> (B, size, size, 3), or
+  (B, h, w, 3) for size (h, w).
 
   `images` hold values in [0, 255] (uint8 or float); they are divided by
   255, normalised with the ImageNet mean and std, then resized bicubically
@@ -155,16 +156,19 @@ def preprocess(images: jax.Array, size: int,
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be (B, H, W, 3) in [0, 255], got shape "
                      f"{images.shape}")
-  if not isinstance(size, (int, np.integer)) or size < 1:
-    raise ValueError(f"size must be a positive int, got {size!r}")
+  out = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+  if len(out) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1
+                              for v in out):
+    raise ValueError(f"size must be a positive int or (height, width), got "
+                     f"{size!r}")
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
   std = jnp.asarray(IMAGENET_STD, jnp.float32)
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
   _, h, w, _ = images.shape
-  if (h, w) == (size, size):
+  if (h, w) == out:
     return x
   matrix = antialiased_bicubic_matrix if antialias else bicubic_matrix
-  return resize_2d(x, matrix(h, size), matrix(w, size), (1, 2))
+  return resize_2d(x, matrix(h, out[0]), matrix(w, out[1]), (1, 2))
 
 
 def ffn_hidden(hidden_size: int, mlp_ratio: float, ffn: str) -> int:

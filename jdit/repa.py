@@ -105,10 +105,8 @@ def make_target_fn(encoder, model):
   input x in [-1, 1] is the image.
   """
   from jdit import dinov2  # pylint: disable=g-import-not-at-top
-  gh, gw = model.grid_shape
-  if gh != gw:
-    raise ValueError(f"REPA needs a square token grid, got {gh}x{gw}")
-  size = gh * TOKEN_PATCH
+  gh, gw = model.grid_shape  # one encoder patch per DiT token
+  size = (gh * TOKEN_PATCH, gw * TOKEN_PATCH)
 
   def target_fn(params, x, images):
     if images is None:

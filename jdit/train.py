@@ -203,11 +203,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     # REPA on a latent model reads the images stored beside the latents.
     pipeline = dataset(images=encoder is not None
                        and repa.needs_stored_images(spec.shape[-1]))
-    repa_kw = {} if encoder is None else dict(
-        apply_fn=repa.make_apply_fn(model, float(config.repa.weight)),
-        target_fn=repa.make_target_fn(encoder[0], model))
+    repa_kw = lambda m: {} if encoder is None else dict(
+        apply_fn=repa.make_apply_fn(m, float(config.repa.weight)),
+        target_fn=repa.make_target_fn(encoder[0], m))
     # One compiled step per input shape: aspect-ratio buckets each run the
-    # model at their own token grid (the parameters are shared).
+    # model at their own token grid (the parameters are shared; REPA's
+    # encoder sees the bucket's image at its grid x 14 pixels).
     step_fns = {}
     frozen = None if encoder is None else jax.device_put(
         encoder[1], sharding.NamedSharding(mesh, sharding.P()))
@@ -215,11 +216,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     def train_step(st, batch):
       shape = tuple(batch["x"].shape[1:])
       if shape not in step_fns:
+        shaped = bucket_models.get(shape, model)
         step_fns[shape] = ts.make_train_step(
-            bucket_models.get(shape, model), objective, tx,
+            shaped, objective, tx,
             ema_decay=config.ema_decay, grad_accum=accum, seed=config.seed,
             mesh=mesh, rules=rules, ema_warmup=config.get("ema_warmup", False),
-            posthoc_gammas=gammas, **repa_kw)
+            posthoc_gammas=gammas, **repa_kw(shaped))
       return step_fns[shape](st, batch, frozen)
   writer = MetricWriter(workdir, start)
   if jax.process_index() == 0:
@@ -297,11 +299,10 @@ def _bucket_models(model, spec, config) -> dict:
   when its first batch comes, hours in); {} for other datasets."""
   if not spec.buckets:
     return {}
-  if (distill.enabled(config) or depth_prune.enabled(config)
-      or repa.enabled(config)):
+  if distill.enabled(config) or depth_prune.enabled(config):
     raise ValueError(f"dataset {config.data.name!r} holds aspect-ratio "
-                     f"buckets; config.distill, config.depth_prune and "
-                     f"config.repa train at one shape only")
+                     f"buckets; config.distill and config.depth_prune train "
+                     f"at one shape only")
   if "base_grid" not in model.__dataclass_fields__:
     raise ValueError(f"{type(model).__name__} models run at one input size "
                      f"only; dataset {config.data.name!r} holds aspect-ratio "

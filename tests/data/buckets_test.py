@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jdit import data
+from jdit import sampling as sampling_lib
 from jdit import train as train_lib
 from jdit.data import buckets, extract_latents, imagenet
 from jdit.data.pipeline import DatasetSpec, uint8_images
@@ -189,7 +190,8 @@ def bucketed(tmp_path_factory):
 def _extract_args(folder, vae_dir, out):
   return ["--source", "folder", "--folder", folder, "--image_size", "32",
           "--vae", vae_dir, "--out", out, "--batch_size", "8", "--dtype",
-          "float32", "--buckets", "auto", "--bucket_step", "8"]
+          "float32", "--buckets", "auto", "--bucket_step", "8",
+          "--store_images"]
 
 
 def test_extract_latents_into_buckets(bucketed):
@@ -299,9 +301,10 @@ def test_buckets_that_do_not_fit_fail_before_training(bucketed, tiny_config,
                      r"'latents' does not fit model"):
     train_lib.run(c, str(tmp_path / "a"))
   c = _config(tiny_config, bucketed[1])
-  c.repa.update(weight=0.5, depth=1, encoder=str(tmp_path / "dinov2.pth"))
+  with c.unlocked():  # the digits default has no distill section
+    c.distill = {"teacher": str(tmp_path / "teacher")}
   with pytest.raises(ValueError, match="aspect-ratio buckets; "
-                     "config.distill, config.depth_prune and config.repa"):
+                     "config.distill and config.depth_prune"):
     train_lib.run(c, str(tmp_path / "b"))
   assert os.listdir(tmp_path / "a") == os.listdir(tmp_path / "b") == []
   out = str(tmp_path / "c")
@@ -310,3 +313,33 @@ def test_buckets_that_do_not_fit_fail_before_training(bucketed, tiny_config,
                           "--vae", bucketed[4], "--out", out,
                           "--buckets", "32x32,20x40"])
   assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_repa_on_buckets_sees_each_buckets_image(bucketed, tiny_config,
+                                                  tmp_path):
+  """REPA's DINOv2 reads each bucket's stored image at the bucket's token
+  grid x 14 pixels: one target per token, whatever the aspect ratio."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from jdit import convert_dinov2, repa  # pylint: disable=g-import-not-at-top
+  from tests.dinov2_test import _torch_model  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
+  encoder_file = str(tmp_path / "dinov2_tiny.pth")
+  torch.save(_torch_model().state_dict(), encoder_file)
+  c = _config(tiny_config, bucketed[1])
+  c.repa.update(weight=0.5, encoder=encoder_file, dim=128, depth=1,
+                projector_dim=16)
+  one = jax.devices()[:1]
+  train_lib.run(c, str(tmp_path / "run"), devices=one)  # an epoch: 3 shapes
+  rows = [json.loads(line) for line in open(tmp_path / "run" /
+                                            "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(0 < r["repa_loss"] <= 1.0 for r in rows), rows
+  encoder, params = convert_dinov2.load_dinov2(encoder_file)
+  source = data.load_source("latents", "train", bucketed[1])
+  model, _ = sampling_lib.model_from_config(c)
+  for bucket, (h, w, _) in zip(source, data.get_spec(
+      "latents", bucketed[1]).buckets):
+    image = np.stack([bucket[i]["image"] for i in range(2)])
+    shaped = model.clone(input_size=(h, w))
+    target = repa.make_target_fn(encoder, shaped)(params, None, image)
+    assert image.shape[1:3] == (8 * h, 8 * w)  # the tiny VAE's factor
+    assert target.shape == (2, h * w, 128)
