@@ -367,6 +367,6 @@ def test_unconditional_latents_train(extracted, folder, tiny_config,
                  class_dropout_prob=0.0)
   c.batch_size, c.total_steps, c.sample.per_class = 8, 1, 2
   assert c.sample.cfg_scale > 1  # the default; no null class to guide with
-  train_lib.run(c, str(tmp_path / "run"))
+  train_lib.run(c, str(tmp_path / "run"), devices=jax.devices()[:1])
   with np.load(tmp_path / "run" / "samples_step1.npz") as f:
     assert f["arr_0"].shape[0] == 2 and set(f["arr_1"].tolist()) == {0}
