@@ -18,7 +18,8 @@ import numpy as np
 import tqdm
 
 from jdit import (checkpoint, data, depth_prune, diffusion, distill,
-                  evaluation, posthoc_ema, repa, sampling, sharding)
+                  evaluation, posthoc_ema, preemption, repa, sampling,
+                  sharding)
 from jdit import train_state as ts
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every",
@@ -239,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   step = start
   end = config.total_steps if stop_at is None else min(stop_at,
                                                         config.total_steps)
-  with sharding.use_mesh(mesh, rules):
+  with sharding.use_mesh(mesh, rules), preemption.Preemption() as notice:
     while step < end:
       batch = sharding.global_batch(pipeline.batch(step), mesh)
       state, metrics = train_step(state, batch)
@@ -260,7 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           last.update(search.metrics(state))
         bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.2f}")
         window, t0 = [], time.time()
-      if step % config.checkpoint_every == 0 or step == end:
+      stop = step < end and notice.reached(step)  # SIGTERM: preempted
+      if step % config.checkpoint_every == 0 or step == end or stop:
         if window:  # never checkpoint a NaN state
           _check_finite(float(jax.device_get(window[-1]["loss"])), step, mngr)
         checkpoint.save(mngr, step, params=state.params,
@@ -281,6 +283,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         t0 = time.time()  # the next steps_per_sec excludes the evaluation
       if log:
         writer.write(step, last)
+      if stop:
+        print(f"preempted: checkpointed step {step} in {mngr.directory}; "
+              f"the same command resumes there")
+        break
   bar.close()
   writer.close()
   if search is not None:

@@ -1,6 +1,7 @@
 """End-to-end training: outputs, exact resume, sharding, accumulation, errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -39,7 +40,8 @@ def test_train_writes_metrics_checkpoints_and_samples(tiny_config, tmp_path):
   assert (tmp_path / "samples_step4.png").exists()
 
 
-def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
+def test_interrupted_run_resumes_exactly(tiny_config, tmp_path,
+                                        monkeypatch):
   straight, resumed = tmp_path / "a", tmp_path / "b"
   train_lib.run(tiny_config, str(straight))
   train_lib.run(tiny_config, str(resumed), stop_at=3)
@@ -47,6 +49,28 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
   # The checkpoint is at step 3 (the stop); rows after it would be redone.
   train_lib.run(tiny_config, str(resumed))
   assert losses(resumed) == losses(straight)
+
+  # A preemption notice (SIGTERM) during step 1, between the periodic
+  # checkpoints: the step finishes, is checkpointed and training returns; the same run again continues as if
+  # never stopped. The signal handler is restored afterwards.
+  batches, real = [], sharding.global_batch
+
+  def notify_during_step_1(batch, mesh):
+    batches.append(1)
+    if len(batches) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(batch, mesh)
+
+  before = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(sharding, "global_batch", notify_during_step_1)
+  preempted = tmp_path / "c"
+  train_lib.run(tiny_config, str(preempted))
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert os.listdir(preempted / "checkpoints") == ["1"]
+  assert [s for s, _ in losses(preempted)] == [1]
+  monkeypatch.undo()
+  train_lib.run(tiny_config, str(preempted))
+  assert losses(preempted) == losses(straight)
 
 
 def test_resume_drops_rows_logged_after_the_checkpoint(tiny_config, tmp_path):
