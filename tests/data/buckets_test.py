@@ -319,7 +319,7 @@ def test_repa_on_buckets_sees_each_buckets_image(bucketed, tiny_config,
                                                   tmp_path):
   """REPA's DINOv2 reads each bucket's stored image at the bucket's token
   grid x 14 pixels: one target per token, whatever the aspect ratio."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
   from jdit import convert_dinov2, repa  # pylint: disable=g-import-not-at-top
   from tests.dinov2_test import _torch_model  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
   encoder_file = str(tmp_path / "dinov2_tiny.pth")
