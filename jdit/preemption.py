@@ -24,6 +24,7 @@ class Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._service_missing = False
 
   def __enter__(self) -> Preemption:
     if (jax.process_count() == 1
@@ -42,6 +43,14 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     """Whether to checkpoint `step` and stop (the same on every host)."""
-    if jax.process_count() > 1:
+    if jax.process_count() == 1:
+      return self.requested
+    if self._service_missing:
+      return False
+    try:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    except RuntimeError as e:  # jax.distributed without the service
+      self._service_missing = True
+      print(f"warning: no preemption notices on this job ({e}); it will "
+            f"resume from its last periodic checkpoint if preempted")
+      return False
