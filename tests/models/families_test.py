@@ -65,8 +65,8 @@ def test_named_model_is_registered_and_runs_tiny(name):
       "input_size": 16, "num_classes": 10})
   x = jnp.ones((1, 16, 16, 4))
   t, y = jnp.array([10.0]), jnp.array([1])
-  params = model.init(jax.random.PRNGKey(0), x, t, y)
-  out = model.apply(params, x, t, y)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x, t, y)  # jitted:
+  out = jax.jit(model.apply)(params, x, t, y)  # eager dispatch is slower
   chex.assert_shape(out, (1, 16, 16, 8))
   chex.assert_tree_all_finite(out)
 

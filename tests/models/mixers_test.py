@@ -61,7 +61,9 @@ def test_output_shape(name, grid):
   small = {"window": 2, "shift": 1} if len(grid) == 3 else {}
   mixer = _make(name, **(small if name in ("window", "proxy") else {}))
   x = _x(grid, batch=2)
-  out = _apply(mixer, _init(mixer, x, grid), x, grid)
+  # Jitted: op-by-op dispatch is several times slower on CPU.
+  params = jax.jit(lambda x: _init(mixer, x, grid))(x)
+  out = jax.jit(lambda p, x: _apply(mixer, p, x, grid))(params, x)
   chex.assert_shape(out, x.shape)
   chex.assert_tree_all_finite(out)
 
@@ -70,12 +72,12 @@ def test_output_shape(name, grid):
 def test_gradients_finite(name):
   mixer = _make(name)
   x = _x(batch=2)
-  params = _init(mixer, x)
+  params = jax.jit(lambda x: _init(mixer, x))(x)
 
   def loss(p, x):
     return jnp.sum(_apply(mixer, p, x) ** 2)
 
-  gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
+  gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   chex.assert_tree_all_finite((gp, gx))
   assert float(jnp.abs(gx).sum()) > 0
 
