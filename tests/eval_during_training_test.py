@@ -263,9 +263,10 @@ def test_fd_dinov2_is_scored_with_fid(tiny_config, eval_files, tmp_path):
   got = evaluator.metrics([images])
   samples = str(tmp_path / "samples.npz")
   np.savez(samples, arr_0=np.repeat(images, 3, axis=-1))
-  want = fid_lib._fd_dinov2(  # pylint: disable=protected-access
-      fid_lib.ImageBatchReader(samples), c.eval.ref, np.load(c.eval.ref),
-      convert_dinov2.load_dinov2(weights), 5, "eigh")
+  want = fid_lib.evaluate(
+      samples, c.eval.ref, inception.load_inception(eval_files["inception"]),
+      batch_size=5, fid_method="eigh",
+      dinov2_encoder=convert_dinov2.load_dinov2(weights))["fd_dinov2"]
   np.testing.assert_allclose(got["eval/fd_dinov2"], want, rtol=1e-5)
   assert np.isfinite(got["eval/fid"])
   c.eval.dinov2 = str(tmp_path / "missing.pth")

@@ -148,21 +148,36 @@ class BatchedFeatures:
       out = multihost_utils.process_allgather(out, tiled=True)
     return out
 
-  def __call__(self, batches, keys=None) -> dict[str, np.ndarray]:
-    """Features of an iterable of uint8 image batches, consumed one at a
-    time; only `keys` (default: the class's) are kept."""
-    out = {k: [] for k in keys or self.keys}
-    for batch in batches:
-      for i in range(0, len(batch), self.batch_size):
-        part = batch[i:i + self.batch_size]
-        n = len(part)
-        if n < self.batch_size:
-          pad = np.zeros((self.batch_size - n,) + part.shape[1:], part.dtype)
-          part = np.concatenate([part, pad])
-        feats = self._apply(part)
-        for k in out:  # float32; statistics() accumulates in float64
-          out[k].append(np.asarray(feats[k][:n], np.float32))
+  def features(self, batch: np.ndarray, keys=None) -> dict[str, np.ndarray]:
+    """Features of one uint8 image batch, `batch_size` images at a time;
+    only those of the class's keys that are in `keys` (None: all)."""
+    out = {k: [] for k in self.keys if keys is None or k in keys}
+    for i in range(0, len(batch), self.batch_size):
+      part = batch[i:i + self.batch_size]
+      n = len(part)
+      if n < self.batch_size:
+        pad = np.zeros((self.batch_size - n,) + part.shape[1:], part.dtype)
+        part = np.concatenate([part, pad])
+      feats = self._apply(part)
+      for k in out:  # float32; statistics() accumulates in float64
+        out[k].append(np.asarray(feats[k][:n], np.float32))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+  def __call__(self, batches, keys=None) -> dict[str, np.ndarray]:
+    """Features of an iterable of uint8 image batches (see `extract`)."""
+    return extract(batches, [self], keys)
+
+
+def extract(batches, extractors, keys=None) -> dict[str, np.ndarray]:
+  """The features of every extractor from one pass over an iterable of
+  uint8 image batches, consumed one at a time (each read and decoded once,
+  whatever the number of networks); only `keys` (None: all) are kept."""
+  out = {}
+  for batch in batches:
+    for extractor in extractors:
+      for k, v in extractor.features(batch, keys).items():
+        out.setdefault(k, []).append(v)
+  return {k: np.concatenate(v) for k, v in out.items()}
 
 
 class InceptionFeatures(BatchedFeatures):
@@ -214,11 +229,22 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
   if not ({"mu", "sigma"} <= ref_keys or "arr_0" in ref_keys):
     raise ValueError(f"{ref} is not an ADM reference batch: it needs mu and "
                      f"sigma and/or arr_0 images, it has {sorted(ref_keys)}")
-  extract = InceptionFeatures(inception_params, batch_size, resize)
-  feats = extract(reader.batches(batch_size))
+  networks = [InceptionFeatures(inception_params, batch_size, resize)]
+  ref_networks = list(networks)
+  ref_dinov2 = {"mu_dinov2", "sigma_dinov2"} <= ref_keys
+  if dinov2_encoder is not None:
+    networks.append(DINOv2Features(*dinov2_encoder, batch_size=batch_size))
+    if not ref_dinov2:
+      if "arr_0" not in ref_keys:
+        raise ValueError(f"{ref} has neither mu_dinov2/sigma_dinov2 nor "
+                         f"images for FD_DINOv2; write them with "
+                         f"`--write_ref OUT --dinov2 ...` from real images")
+      ref_networks.append(networks[-1])
+  feats = extract(reader.batches(batch_size), networks)
   ref_feats = None
   if "arr_0" in ref_keys:
-    ref_feats = extract(ImageBatchReader(ref).batches(batch_size))
+    ref_feats = extract(ImageBatchReader(ref).batches(batch_size),
+                        ref_networks)
 
   result = {"num_samples": len(reader),
             "num_ref": None if ref_feats is None else len(ref_feats["pool"])}
@@ -246,8 +272,12 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
                                              method=fid_method)
 
   if dinov2_encoder is not None:
-    result["fd_dinov2"] = _fd_dinov2(reader, ref, ref_npz, dinov2_encoder,
-                                     batch_size, fid_method)
+    ref_d = ((ref_npz["mu_dinov2"], ref_npz["sigma_dinov2"]) if ref_dinov2
+             else scores.statistics(ref_feats["dinov2"]))
+    _check_stats(*ref_d, feats["dinov2"].shape[1],
+                 "DINOv2 (mu_dinov2, sigma_dinov2)")
+    result["fd_dinov2"] = scores.frechet_distance(
+        *scores.statistics(feats["dinov2"]), *ref_d, method=fid_method)
   result["inception_score"] = scores.inception_score(
       feats["logits"], min(num_splits, len(reader)))
   result["precision"] = result["recall"] = None
@@ -255,23 +285,6 @@ def evaluate(samples: str, ref: str, inception_params, batch_size: int = 100,
     result["precision"], result["recall"] = scores.precision_recall(
         ref_feats["pool"], feats["pool"], k=k)
   return result
-
-
-def _fd_dinov2(reader, ref, ref_npz, encoder, batch_size, fid_method):
-  """FD_DINOv2 of the samples in `reader` against the reference."""
-  extract = DINOv2Features(*encoder, batch_size=batch_size)
-  mu, sigma = scores.statistics(extract(reader.batches(batch_size))["dinov2"])
-  if {"mu_dinov2", "sigma_dinov2"} <= set(ref_npz.files):
-    ref_stats = ref_npz["mu_dinov2"], ref_npz["sigma_dinov2"]
-  elif "arr_0" in ref_npz.files:
-    ref_stats = scores.statistics(extract(ImageBatchReader(ref).batches(
-        batch_size))["dinov2"])
-  else:
-    raise ValueError(f"{ref} has neither mu_dinov2/sigma_dinov2 nor images "
-                     f"for FD_DINOv2; write them with `--write_ref OUT "
-                     f"--dinov2 ...` from real images")
-  _check_stats(*ref_stats, len(mu), "DINOv2 (mu_dinov2, sigma_dinov2)")
-  return scores.frechet_distance(mu, sigma, *ref_stats, method=fid_method)
 
 
 def write_reference(images: str, out: str, inception_params,
@@ -284,14 +297,15 @@ def write_reference(images: str, out: str, inception_params,
   with arr_0 uint8 (N, H, W, 3) real images. Returns N.
   """
   reader = ImageBatchReader(images)
-  feats = InceptionFeatures(inception_params, batch_size, resize)(
-      reader.batches(batch_size))
-  stats = dict(zip(("mu", "sigma"), scores.statistics(feats["pool"])))
-  stats.update(zip(("mu_s", "sigma_s"), scores.statistics(feats["spatial"])))
+  networks = [InceptionFeatures(inception_params, batch_size, resize)]
   if dinov2_encoder is not None:
-    extract = DINOv2Features(*dinov2_encoder, batch_size=batch_size)
-    stats.update(zip(("mu_dinov2", "sigma_dinov2"), scores.statistics(
-        extract(reader.batches(batch_size))["dinov2"])))
+    networks.append(DINOv2Features(*dinov2_encoder, batch_size=batch_size))
+  feats = extract(reader.batches(batch_size), networks)
+  stats = {}
+  for key, suffix in (("pool", ""), ("spatial", "_s"), ("dinov2", "_dinov2")):
+    if key in feats:
+      stats.update(zip((f"mu{suffix}", f"sigma{suffix}"),
+                       scores.statistics(feats[key])))
   arr = np.concatenate(list(reader.batches(batch_size)))
   tmp = out + ".tmp.npz"
   np.savez(tmp, arr_0=arr, **stats)

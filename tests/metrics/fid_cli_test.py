@@ -63,11 +63,11 @@ def _run(capsys, *args):
 def _record(monkeypatch, fake_fid=None):
   """Records the features extracted and the statistics FID is given."""
   log = {"feats": [], "fid_args": []}
-  call = fid.BatchedFeatures.__call__
+  real_extract = fid.extract
   real_fid = scores.frechet_distance
 
-  def features(self, batches):
-    out = call(self, batches)
+  def features(batches, extractors, keys=None):
+    out = real_extract(batches, extractors, keys)
     log["feats"].append(out)
     return out
 
@@ -75,7 +75,7 @@ def _record(monkeypatch, fake_fid=None):
     log["fid_args"].append(args)
     return fake_fid if fake_fid is not None else real_fid(*args, **kw)
 
-  monkeypatch.setattr(fid.BatchedFeatures, "__call__", features)
+  monkeypatch.setattr(fid, "extract", features)
   monkeypatch.setattr(scores, "frechet_distance", frechet)
   return log
 
@@ -89,7 +89,8 @@ def test_cli_matches_library(files, capsys, monkeypatch):
              str(d / "ref_images.npz"), "--inception", inc,
              "--batch_size", "4", "--dinov2", dino)
   assert out["num_samples"] == 10 and out["num_ref"] == 9
-  fs, fr, ds, dr = log["feats"]
+  fs, fr = log["feats"]  # one pass each, Inception's and DINOv2's
+  ds, dr = fs, fr
   assert fs["pool"].shape == (10, 2048) and fs["spatial"].shape == (10, 2023)
   assert fr["pool"].shape == (9, 2048)
   # FD_DINOv2 of the features EDM2's pipeline computes in torch.
@@ -152,16 +153,16 @@ def test_cli_matches_library(files, capsys, monkeypatch):
     dino_stats = {k: f[k] for k in ("mu_dinov2", "sigma_dinov2")}
   # A reference of statistics only serves FD_DINOv2 as its images did.
   monkeypatch.undo()
-  np.savez(d / "ref_dino_stats.npz", **dino_stats)
-  reader = fid.ImageBatchReader(str(d / "samples.npz"))
+  np.savez(d / "ref_dino_stats.npz", **stats, **dino_stats)
   encoder = convert_dinov2.load_dinov2(dino)
-  got = fid._fd_dinov2(  # pylint: disable=protected-access
-      reader, "stats", np.load(d / "ref_dino_stats.npz"), encoder, 4, "eigh")
+  got = fid.evaluate(str(d / "samples.npz"), str(d / "ref_dino_stats.npz"),
+                     params, batch_size=4, fid_method="eigh",
+                     dinov2_encoder=encoder)["fd_dinov2"]
   assert got == pytest.approx(out["fd_dinov2"], rel=1e-4)
   with pytest.raises(ValueError, match="neither mu_dinov2/sigma_dinov2 nor "
                                        "images"):
-    fid._fd_dinov2(  # pylint: disable=protected-access
-        reader, "stats", np.load(d / "ref_stats.npz"), encoder, 4, "eigh")
+    fid.evaluate(str(d / "samples.npz"), str(d / "ref_stats.npz"), params,
+                 batch_size=4, dinov2_encoder=encoder)
   np.savez(d / "ref_bad.npz", mu=stats["mu"][:10], sigma=np.eye(10))
   with pytest.raises(ValueError, match="expected .2048,."):
     fid.evaluate(str(d / "samples.npz"), str(d / "ref_bad.npz"), params,
