@@ -9,9 +9,15 @@ import os
 import shutil
 import tempfile
 
+# The tests' programs are tiny and compiled once each, so compiling is most
+# of their time: LLVM at -O1 compiles ~15% faster than the default -O2 and
+# runs them as fast. Subprocesses that choose their own device count keep it.
+FAST_COMPILE = "--xla_backend_optimization_level=1"
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same programs (the tiny train step of every
 # train.run test, a resumed run's step): a persistent compilation cache for

@@ -14,7 +14,7 @@ from jdit import checkpoint, diffusion, feature_cache, learn_cache, sampling
 from jdit.diffusion import paths
 from jdit.models import build_model
 from jdit.models.registry import smoke_overrides
-from tests.conftest import ROOT, load_config, random_params
+from tests.conftest import FAST_COMPILE, ROOT, load_config, random_params
 
 NUM_CLASSES = 4
 
@@ -213,5 +213,5 @@ def test_cli_writes_a_router_that_sample_py_uses(tmp_path):
        "--sampler", "euler", "--steps", "5", "--num_samples", "4",
        "--cfg_scale", "1.5", "--cache_router", out, "--out", samples],
       check=True, cwd=ROOT, capture_output=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE})
   assert np.load(samples)["arr_0"].shape == (4, 8, 8, 4)

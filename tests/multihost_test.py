@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config.batch_size=16", "--config.total_steps=4",
          "--config.log_every=1", "--config.checkpoint_every=2",
@@ -26,7 +28,8 @@ FLAGS = ["--config.batch_size=16", "--config.total_steps=4",
 def _env(devices: int, tfds_dir: str, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JDIT_")}
   env.update(JAX_PLATFORMS="cpu", TFDS_DATA_DIR=tfds_dir,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + FAST_COMPILE,
              **extra)
   return env
 

@@ -12,6 +12,7 @@ import pytest
 from jdit import checkpoint, sampling, sharding
 from jdit import train as train_lib
 from jdit import train_state as ts
+from tests.conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,7 +253,7 @@ def test_sample_cli_writes_npz_and_grid(tiny_config, tmp_path):
   # Feature caching, CFG-rescale and a larger grid (positions interpolated),
   # on 1 device from a checkpoint written on 8, guided by its first
   # checkpoint (autoguidance).
-  one_device = {**env, "XLA_FLAGS": ""}
+  one_device = {**env, "XLA_FLAGS": FAST_COMPILE}
   first = min((d for d in os.listdir(tmp_path / "run" / "checkpoints")
                if d.isdigit()), key=int)
   subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2",
