@@ -132,13 +132,11 @@ def _steps(config, mesh_sizes, accum=1, n=3):
 
 
 def test_gradient_accumulation_equals_the_large_batch(tiny_config):
-  one = {"data": 1}
   big, s1 = _steps(tiny_config, {"data": -1}, accum=1)
   acc, s4 = _steps(tiny_config, {"data": -1}, accum=2)
   np.testing.assert_allclose(acc, big, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6), s1.params, s4.params)
-  del one
 
 
 @pytest.mark.parametrize("mesh", [
