@@ -24,6 +24,8 @@ On several hosts (the same command on each, after jax.distributed starts),
 host h encodes the h-th contiguous slice of the images into --out.tmp, which
 must be on a shared filesystem; host 0 then writes the TFDS metadata and
 renames --out.tmp to --out. Nothing half-written ever sits at --out.
+A stopped run (preempted, killed) resumes where it stopped when the same
+command is run again: every closed shard is kept (jdit.data.latent_shards).
 
 With --buckets (jdit.data.buckets) each image goes to the aspect-ratio
 bucket nearest its own and --out holds one such dataset per bucket,
@@ -42,12 +44,14 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python import array_record_module
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdit.data import buckets, imagenet, latents
+from jdit.data import buckets, imagenet, latent_shards, latents
 
 SHARD_PREFIX = f"{latents.DATASET_NAME}-{{split}}.array_record"
+# Flags that do not change what is written: a resumed run may change them.
+_NOT_FINGERPRINTED = ("out", "batch_size", "workers", "overwrite",
+                      "restart")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workers", type=int, default=16, help="decode threads")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out")
+  p.add_argument("--restart", action="store_true",
+                 help="discard an unfinished run in --out.tmp instead of "
+                 "resuming it")
   p.add_argument("--buckets", default="",
                  help="aspect-ratio buckets (jdit.data.buckets): 'auto' "
                  "(area --image_size^2, see --max_aspect, --bucket_step) or "
@@ -132,36 +139,6 @@ def _prefetch(iterator, size: int = 2):
     if isinstance(item, BaseException):
       raise item
     yield item
-
-
-class _ShardWriter:
-  """Serialises examples into host-local ArrayRecord shards in `directory`."""
-
-  def __init__(self, directory, host, features, per_shard):
-    self.directory, self.host = directory, host
-    self.features, self.per_shard = features, per_shard
-    self.lengths: list[int] = []
-    self._writer = None
-
-  def write(self, example: dict) -> None:
-    if self._writer is None or self.lengths[-1] == self.per_shard:
-      self._close()
-      path = os.path.join(self.directory,
-                          f"host{self.host:05d}-{len(self.lengths):05d}")
-      self._writer = array_record_module.ArrayRecordWriter(path,
-                                                           "group_size:1")
-      self.lengths.append(0)
-    self._writer.write(self.features.serialize_example(example))
-    self.lengths[-1] += 1
-
-  def _close(self):
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-
-  def close(self) -> list[int]:
-    self._close()
-    return self.lengths
 
 
 def _sync(name: str) -> None:
@@ -218,14 +195,24 @@ def extract(args: argparse.Namespace) -> dict:
   if args.image_size < f or args.image_size % f:
     raise ValueError(f"--image_size {args.image_size} must be a positive "
                      f"multiple of the VAE's downsampling factor {f}")
+  copies = 2 if args.flip == "both" else 1
+  if args.examples_per_shard < 1 or args.examples_per_shard % copies:
+    raise ValueError(f"--examples_per_shard must be a positive multiple of "
+                     f"{copies} (--flip {args.flip}: an image and its mirror "
+                     f"share a shard), got {args.examples_per_shard}")
   shapes = _bucket_shapes(args, f)
   source = imagenet.open_source(
       args.source, data_dir=args.data_dir, folder=args.folder,
       split=args.split, image_size=args.image_size, workers=args.workers,
       labels=args.labels)
-  if host == 0:
-    shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftovers
+  fingerprint = {k: v for k, v in vars(args).items()
+                 if k not in _NOT_FINGERPRINTED}
+  fingerprint.update(hosts=hosts, num_images=len(source))
+  fresh = latent_shards.check_run(tmp, fingerprint, args.restart) == "fresh"
+  if host == 0 and fresh:
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    latent_shards.start_run(tmp, fingerprint)
   _sync("extract_latents_start")
   if shapes is None:
     jobs = [("", source)]
@@ -256,6 +243,8 @@ def extract(args: argparse.Namespace) -> dict:
                    "num_examples")}} for name, _ in jobs]}
       with open(os.path.join(tmp, buckets.BUCKETS_FILE), "w") as fh:
         json.dump(stats, fh, indent=2)
+    latent_shards.remove_run_files(
+        tmp, [os.path.join(tmp, name) for name, _ in jobs])
     _publish(tmp, out)
   _sync("extract_latents_done")
   return stats
@@ -263,8 +252,11 @@ def extract(args: argparse.Namespace) -> dict:
 
 def _encode_into(args, source, directory, host, hosts, module, encoder):
   """Encodes this host's slice of `source` into shards in `directory`, and
-  their lengths and moment sums into directory/host<h>.json."""
+  their lengths and moment sums into directory/host<h>.json; continues a
+  stopped run's shards there."""
   os.makedirs(directory, exist_ok=True)
+  if os.path.exists(latent_shards.done_path(directory, host)):
+    return  # this host's part of this dataset was finished before a stop
   f = module.downsample_factor
   height, width = source.crop_shape
   shape = (height // f, width // f, module.latent_channels)
@@ -274,30 +266,33 @@ def _encode_into(args, source, directory, host, hosts, module, encoder):
   copies = 2 if args.flip == "both" else 1
   encode, ndev = encoder
   step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
-  writer = _ShardWriter(directory, host, feats, args.examples_per_shard)
-  sums = np.zeros((3, shape[-1]), np.float64)  # mean, mean^2, std^2
+  writer = latent_shards.ShardWriter(directory, host, feats,
+                                     args.examples_per_shard, shape[-1])
+  skip = writer.examples_written // copies  # images in closed shards
   pending = None
 
   def drain(result):
     (mean, std), labels, n, images = result
     mean = np.asarray(mean[:n], np.float32)  # blocks on the device
     std = np.asarray(std[:n], np.float32)
-    sums[:] += [mean.sum((0, 1, 2)), np.square(mean).sum((0, 1, 2)),
-                np.square(std).sum((0, 1, 2))]
+    # Per example: sum of mean, of mean^2 and of std^2 over positions.
+    m64, s64 = mean.astype(np.float64), std.astype(np.float64)
+    sums = np.stack([m64.sum((1, 2)), np.square(m64).sum((1, 2)),
+                     np.square(s64).sum((1, 2))], 1)
     m, s = mean.astype(args.dtype), std.astype(args.dtype)
     for i in range(n):
       example = {"latent_mean": m[i], "latent_std": s[i],
                  "label": int(labels[i // copies])}
       if images is not None:
         example["image"] = images[i]
-      writer.write(example)
+      writer.write(example, sums[i])
 
   import tqdm  # pylint: disable=g-import-not-at-top
   part = imagenet.host_slice(len(source), host, hosts)
-  bar = tqdm.tqdm(total=part.stop - part.start, unit="img",
+  bar = tqdm.tqdm(total=part.stop - part.start, initial=skip, unit="img",
                   disable=host != 0, desc=f"encode {height}x{width}px")
   for images, labels in _prefetch(source.batches(step // copies, host,
-                                                 hosts)):
+                                                 hosts, skip=skip)):
     rows = images
     if copies == 2:  # example 2i is image i, 2i + 1 its mirror
       rows = np.stack([images, imagenet.hflip(images)], 1).reshape(
@@ -314,22 +309,17 @@ def _encode_into(args, source, directory, host, hosts, module, encoder):
   if pending is not None:
     drain(pending)
   bar.close()
-  lengths = writer.close()
-  with open(os.path.join(directory, f"host{host:05d}.json"), "w") as fh:
-    json.dump({"lengths": lengths, "sums": sums.tolist(),
-               "shape": list(shape), "image_shape": image_shape}, fh)
+  writer.close(shape=list(shape), image_shape=image_shape)
 
 
 def _finalize(args, directory, hosts, module, source, bucketed) -> dict:
   """Host 0: names the shards in `directory` as TFDS does, writes metadata
-  and latent_stats.json; returns the statistics."""
+  and latent_stats.json; returns the statistics. Repeatable: a run stopped
+  here does it again on resuming."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   lengths, sums, parts = [], 0.0, []
   for h in range(hosts):
-    path = os.path.join(directory, f"host{h:05d}.json")
-    with open(path) as fh:
-      info = json.load(fh)
-    os.remove(path)
+    info = latent_shards.read_json(latent_shards.done_path(directory, h))
     parts += [(h, k) for k in range(len(info["lengths"]))]
     lengths += info["lengths"]
     sums = sums + np.asarray(info["sums"])
@@ -338,9 +328,10 @@ def _finalize(args, directory, hosts, module, source, bucketed) -> dict:
                            image_shape=info["image_shape"])
   prefix = SHARD_PREFIX.format(split=args.split)
   for i, (h, k) in enumerate(parts):
-    os.rename(os.path.join(directory, f"host{h:05d}-{k:05d}"),
-              os.path.join(directory,
-                           f"{prefix}-{i:05d}-of-{len(parts):05d}"))
+    renamed = os.path.join(directory, f"{prefix}-{i:05d}-of-{len(parts):05d}")
+    shard = latent_shards.shard_path(directory, h, k)
+    if os.path.exists(shard) or not os.path.exists(renamed):
+      os.rename(shard, renamed)  # else renamed before a stop
   total = sum(lengths)
   size = list(source.crop_shape) if bucketed else args.image_size
   tfds.folder_dataset.write_metadata(

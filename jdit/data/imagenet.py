@@ -182,13 +182,13 @@ class _CroppedImages:
     return _Subset(self, indices, crop_shape)
 
   def batches(self, batch_size: int, process_index: int = 0,
-              process_count: int = 1
+              process_count: int = 1, skip: int = 0
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This host's contiguous slice, in order, as (uint8 (b, h, w, 3) crops,
     int64 labels (b,)); the hosts' slices concatenate to the whole
-    dataset."""
+    dataset. `skip`: start after the slice's first `skip` images."""
     part = host_slice(len(self), process_index, process_count)
-    for start in range(part.start, part.stop, batch_size):
+    for start in range(part.start + skip, part.stop, batch_size):
       examples = self.__getitems__(
           range(start, min(start + batch_size, part.stop)))
       yield (np.stack([ex["image"] for ex in examples]),
