@@ -5,6 +5,7 @@ labels; the ADM evaluator's layout) and a PNG grid beside it.
         [--sampler ddpm|ddim|dpm++|euler|heun|sde] [--steps S]
         [--cfg_scale 1.5] [--cfg_channels 3] [--cfg_interval lo,hi]
         [--cfg_rescale 0.7] [--guide_checkpoint runs/small]
+        [--apg_eta 0 [--apg_norm_threshold 15] [--apg_momentum -0.5]]
         [--shift 3.33] [--labels 1,2,3] [--seed 0] [--out samples.npz]
         [--cache_interval 3 [--cache_warmup 5] [--cache_blocks 0,14]]
         [--cache_router router.json]
@@ -21,6 +22,11 @@ arguments and gives the same file; other arguments are refused.
 data, objective and time convention guides instead of the unconditional
 branch; --cfg_scale, --cfg_interval, --cfg_channels and --cfg_rescale apply to
 it as they would to classifier-free guidance.
+
+--apg_eta (adaptive projected guidance, Sadat et al. 2024) takes the
+guidance update in the space of the denoised estimate and down-weights its
+component along the conditional estimate, which is what oversaturates
+images at high --cfg_scale; with --guide_checkpoint it projects that update.
 """
 import os
 
@@ -51,6 +57,16 @@ _CFG_INTERVAL = flags.DEFINE_string(
 _CFG_RESCALE = flags.DEFINE_float(
     "cfg_rescale", 0.0, "CFG-rescale weight in [0, 1]: scale the guided "
     "output to the conditional output's standard deviation; 0 = off.")
+_APG_ETA = flags.DEFINE_float(
+    "apg_eta", None, "Adaptive projected guidance: the weight of the "
+    "guidance update's component along the conditional denoised estimate "
+    "(the paper: 0); unset = plain CFG.")
+_APG_NORM = flags.DEFINE_float(
+    "apg_norm_threshold", 0.0, "APG: clip the denoised-space update to this "
+    "L2 norm per image; 0 = off.")
+_APG_MOMENTUM = flags.DEFINE_float(
+    "apg_momentum", 0.0, "APG: average the update over evaluations, d + "
+    "momentum * previous (the paper: negative, e.g. -0.5); 0 = off.")
 _GUIDE = flags.DEFINE_string(
     "guide_checkpoint", "", "Autoguidance: a checkpoint of a smaller or less "
     "trained model (an early step, a short post-hoc EMA) whose conditional "
@@ -210,10 +226,14 @@ def main(argv):
     base = np.arange(k)
   n = _N.value or min(8 * k, 1000)
   labels = evaluation.cycled_labels(base, n, k)
-  guidance = diffusion.Guidance(
-      scale=_CFG.value, null_label=k, channels=_CFG_CHANNELS.value or None,
-      interval=parse_interval(_CFG_INTERVAL.value),
-      rescale=_CFG_RESCALE.value)
+  try:
+    guidance = diffusion.Guidance(
+        scale=_CFG.value, null_label=k, channels=_CFG_CHANNELS.value or None,
+        interval=parse_interval(_CFG_INTERVAL.value),
+        rescale=_CFG_RESCALE.value, apg_eta=_APG_ETA.value,
+        apg_norm_threshold=_APG_NORM.value, apg_momentum=_APG_MOMENTUM.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   mesh = sharding.create_mesh({"data": -1})
   replicated = sharding.NamedSharding(mesh, sharding.P())
   params = jax.device_put(params, replicated)

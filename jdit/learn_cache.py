@@ -111,7 +111,7 @@ def record(model, objective, params, labels, *, seed: int, sampler: str,
     _, state = objective.sample(recorder, noise, jax.random.fold_in(key, 1),
                                 y=y, sampler=sampler, steps=steps,
                                 guidance=guidance, return_state=True)
-    parts = state[1:]  # the conditional rows [, the unconditional rows]
+    parts = state[1:3]  # the conditional rows [, the unconditional rows]
     return state[0], jax.tree.map(lambda *r: jnp.concatenate(r), *parts)
 
   out = []

@@ -250,13 +250,14 @@ def test_sample_cli_writes_npz_and_grid(tiny_config, tmp_path):
   cached = tmp_path / "out" / "cached.npz"
   # Feature caching, CFG-rescale and a larger grid (positions interpolated),
   # on 1 device from a checkpoint written on 8, guided by its first
-  # checkpoint (autoguidance).
+  # checkpoint (autoguidance) with adaptive projected guidance.
   one_device = {**env, "XLA_FLAGS": FAST_COMPILE}
   first = min((d for d in os.listdir(tmp_path / "run" / "checkpoints")
                if d.isdigit()), key=int)
   subprocess.run(cmd[:-1] + [str(cached), "--cache_interval", "2",
                              "--cfg_rescale", "0.5", "--input_size", "12,8",
                              "--extrapolation", "interpolate",
+                             "--apg_eta", "0", "--apg_momentum", "-0.5",
                              "--guide_checkpoint",
                              str(tmp_path / "run" / "checkpoints" / first)],
                  check=True, env=one_device, cwd=ROOT, capture_output=True)

@@ -79,6 +79,15 @@ class DDPM(objective.Objective):
     """Timestep -> [0, 1] for guidance intervals (1 = noise)."""
     return jnp.asarray(t, jnp.float32) / self.num_timesteps
 
+  def x0_affine(self, t_norm):
+    """x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) at timestep t_norm * T
+    (fractional ones interpolated as dpm++ does)."""
+    log_abar = jnp.interp(jnp.asarray(t_norm, jnp.float32) * self.num_timesteps,
+                          jnp.arange(self.num_timesteps, dtype=jnp.float32),
+                          jnp.asarray(np.log(self.diffusion.alphas_cumprod),
+                                      jnp.float32))
+    return jnp.exp(-0.5 * log_abar), -jnp.sqrt(jnp.expm1(-log_abar))
+
   def loss(self, model_fn, x0, key, y=None):
     """DiT training loss at uniformly drawn timesteps.
 

@@ -134,6 +134,15 @@ class Flow(objective.Objective):
       return -out
     return out
 
+  def x0_affine(self, t_norm):
+    """Tweedie's x0 of the prediction, in the network's own sign (a flipped
+    velocity network's output is -velocity)."""
+    t = jnp.asarray(t_norm, jnp.float32)
+    one, zero = jnp.ones_like(t), jnp.zeros_like(t)
+    a = paths.to_x0(self.prediction, zero, one, t, self.path)
+    b = paths.to_x0(self.prediction, one, zero, t, self.path)
+    return a, self.prediction_of(b)
+
   def sample_time(self, key, batch):
     """Training times: uniform or logit-normal, then the SD3 shift."""
     if self.config.time_sampling == "uniform":

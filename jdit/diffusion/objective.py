@@ -27,6 +27,12 @@ class Objective:
     """Returns ``(scalar mean loss, dict of scalar metrics)``."""
     raise NotImplementedError
 
+  def x0_affine(self, t_norm):
+    """``(a, b)``, each (B,), with the denoised estimate ``x0 = a x + b
+    out`` of a network output `out` at normalised time `t_norm` (what
+    adaptive projected guidance works in)."""
+    raise NotImplementedError
+
   def _sample(self, fn, state, noise, key, sampler, steps, options):
     """Integrates with ``fn(x, t_model, t_norm, state) -> (out, state)``
     (the guided network, guidance.guided_model); returns the samples and
@@ -104,8 +110,9 @@ class Objective:
       state = model_fn.init_state(noise, jnp.zeros(noise.shape[:1]), y)
     else:
       model_fn, state = guidance_lib.stateless(model_fn), ((), ())
-    fn, state = guidance_lib.guided_model(model_fn, guidance, y,
-                                          noise.shape[-1], state, guide_fn)
+    fn, state = guidance_lib.guided_model(
+        model_fn, guidance, y, noise.shape[-1], state, guide_fn,
+        x0_affine=self.x0_affine, x_shape=noise.shape)
     x, state = self._sample(fn, state, noise, key, sampler, steps, options)
     return (x, state) if return_state else x
 
