@@ -18,7 +18,8 @@
    --vae takes a diffusers SD-VAE (e.g. stabilityai/sd-vae-ft-ema:
    config.json + diffusion_pytorch_model.safetensors) or a directory written
    by `python -m jdit.convert vae`. On a pod, run the same command on every
-   host (--out on a shared filesystem); each host encodes its slice.
+   host (--out on a shared filesystem); each host encodes its slice. A
+   stopped extraction continues from its last closed shard when re-run.
 
 2. Train (any number of devices; re-running the command resumes exactly):
 
