@@ -23,7 +23,10 @@ Command line (see jdit/convert_cli.py):
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -32,6 +35,47 @@ import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+# How the checkpoint was trained -> (objective, config.diffusion.flow values)
+# of the sampling config it gets.
+OBJECTIVES = {
+    # DiT and DiT-MoE: ADM's 1000-step diffusion, learned sigma.
+    "ddpm": ("ddpm", {}),
+    # SiT: linear interpolant in reversed time (t = 1 data), velocity, the
+    # network sees t in [0, 1].
+    "sit": ("flow", {"path": "linear", "prediction": "velocity",
+                     "model_time_flip": True, "model_time_scale": 1.0}),
+    # Rectified flow as DiT-MoE's RectifiedFlow: t = 1 noise, velocity
+    # noise - data, the network sees t in [0, 1].
+    "rf": ("flow", {"path": "linear", "prediction": "velocity",
+                    "model_time_flip": False, "model_time_scale": 1.0}),
+}
+
+
+def check_out_dir(out: str) -> str:
+  """Fails early (before any work) when --out is taken."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"--out {out} exists and is not empty")
+  return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str):
+  """Yields a temporary directory that becomes `out` on success."""
+  out = check_out_dir(out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty, checked above
+    os.rename(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CheckpointMismatchError(ValueError):

@@ -21,6 +21,8 @@ checkpoint's EMA params in the official layout, for facebookresearch/DiT's
 sample.py (and SiT's, REPA's, DiT-MoE's, LightningDiT's):
 
   python -m jdit.convert export --checkpoint runs/xl2 --out dit_xl2.pt
+  python -m jdit.convert export --checkpoint runs/xl2 --format diffusers \
+      --out dit_xl2_diffusers/            # DiTTransformer2DModel (the Hub's)
 
 Output appears atomically: everything is written
 into a temporary directory beside DIR, which is renamed when complete.
@@ -29,62 +31,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import ml_collections
 
-from jdit import convert, convert_dit_diffusers, convert_vae, vae as vae_lib
+from jdit import (convert, convert_dit_diffusers, convert_export, convert_vae,
+                  vae as vae_lib)
 from jdit.models import build_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIGS = ("dit_imagenet256.py", "default.py")
-# How the checkpoint was trained -> (objective, config.diffusion.flow values)
-# of the sampling config it gets.
-OBJECTIVES = {
-    # DiT and DiT-MoE: ADM's 1000-step diffusion, learned sigma.
-    "ddpm": ("ddpm", {}),
-    # SiT: linear interpolant in reversed time (t = 1 data), velocity, the
-    # network sees t in [0, 1].
-    "sit": ("flow", {"path": "linear", "prediction": "velocity",
-                     "model_time_flip": True, "model_time_scale": 1.0}),
-    # Rectified flow as DiT-MoE's RectifiedFlow: t = 1 noise, velocity
-    # noise - data, the network sees t in [0, 1].
-    "rf": ("flow", {"path": "linear", "prediction": "velocity",
-                    "model_time_flip": False, "model_time_scale": 1.0}),
-}
-
-
-def check_out_dir(out: str) -> str:
-  """Fails early (before any work) when --out is taken."""
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f"--out {out} exists and is not empty")
-  return out
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str):
-  """Yields a temporary directory that becomes `out` on success."""
-  out = check_out_dir(out)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
-    yield tmp
-    if os.path.isdir(out):
-      os.rmdir(out)  # empty, checked above
-    os.rename(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-
-
 def base_config(model_name: str, image_size: int | None
                 ) -> ml_collections.ConfigDict:
   """The DiT ImageNet recipe's config (configs/dit_imagenet256.py).
@@ -140,7 +99,7 @@ def sampling_config(name: str, model, overrides: dict, vae_path: str | None,
       elif isinstance(value, tuple):
         value = list(value)
       config.model[key] = value
-    config.objective, flow = OBJECTIVES[objective]
+    config.objective, flow = convert.OBJECTIVES[objective]
     config.diffusion.flow.update(flow)
     if model.in_channels == 3 and vae_path is None:
       if "vae" in config:
@@ -178,7 +137,7 @@ def _diffusers_dit(sd, directory: str, args) -> dict:
 
 
 def convert_dit(args) -> str:
-  check_out_dir(args.out)
+  convert.check_out_dir(args.out)
   directory, weights = convert.diffusers_weights(args.checkpoint)
   sd = convert.load_state_dict(weights)
   if convert_dit_diffusers.is_diffusers_dit(sd):
@@ -210,7 +169,7 @@ def convert_dit(args) -> str:
   model = build_model(args.model, **overrides)
   from jdit import checkpoint  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(os.path.expanduser(args.out))
-  with atomic_directory(out) as tmp:
+  with convert.atomic_directory(out) as tmp:
     vae_path = None
     if vae_model is not None:
       os.makedirs(os.path.join(tmp, "vae"))
@@ -252,82 +211,13 @@ def _load_vae(path: str, latent_stats: str | None):
 
 
 def convert_vae_cmd(args) -> str:
-  check_out_dir(args.out)
+  convert.check_out_dir(args.out)
   model, params = convert_vae.load_diffusers_vae(
       args.checkpoint, scale_factor=args.scale_factor,
       norm_num_groups=args.norm_num_groups, latent_stats=args.latent_stats)
-  with atomic_directory(args.out) as tmp:
+  with convert.atomic_directory(args.out) as tmp:
     vae_lib.save_vae(tmp, model, params)
   return os.path.abspath(args.out)
-
-
-EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
-# The OBJECTIVES as the PyTorch codebases that sample them.
-SAMPLED_BY = {
-    "ddpm": "DiT's 1000-step DDPM (facebookresearch/DiT's and DiT-MoE's "
-            "sample.py)",
-    "sit": "SiT's flow, t = 1 data (SiT's, REPA's and LightningDiT's "
-           "samplers)",
-    "rf": "DiT-MoE's rectified flow, t = 1 noise, t in [0, 1]",
-}
-
-
-def _pytorch_convention(config) -> str | None:
-  """The OBJECTIVES key whose time convention the checkpoint was trained
-  in (what a PyTorch sampler must assume), or None for jdit's own."""
-  if config.objective == "ddpm":
-    return "ddpm"
-  flow = config.get("diffusion", {}).get("flow", {})
-  for key, (objective, wanted) in OBJECTIVES.items():
-    if objective == config.objective and all(
-        flow.get(k) == v for k, v in wanted.items()):
-      return key
-  return None
-
-
-def export_cmd(args) -> str:
-  """A jdit checkpoint's EMA params -> an official-layout PyTorch file."""
-  out = os.path.abspath(os.path.expanduser(args.out))
-  if not out.endswith(EXPORT_SUFFIXES):
-    raise ValueError(f"--out must end in .pt/.pth (torch.save of "
-                     f"{{'ema': state_dict}}, which DiT's, SiT's, REPA's and "
-                     f"LightningDiT's loaders read) or .safetensors (the "
-                     f"bare state dict), got {args.out}")
-  if os.path.exists(out):
-    raise FileExistsError(f"--out {out} exists")
-  writer = "safetensors" if out.endswith(".safetensors") else "torch"
-  if importlib.util.find_spec(writer) is None:
-    raise ValueError(f"writing {os.path.basename(out)} needs the {writer} "
-                     f"package (pip install {writer})")
-  from jdit import checkpoint, convert_dit, sampling  # pylint: disable=g-import-not-at-top
-  params, config = checkpoint.load_for_sampling(args.checkpoint)
-  model, _ = sampling.model_from_config(config)
-  state_dict = convert_dit.dit_params_to_torch(params, model,
-                                               config.model.name)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-",
-                             dir=os.path.dirname(out))
-  os.close(fd)
-  try:
-    if writer == "safetensors":
-      import safetensors.numpy  # pylint: disable=g-import-not-at-top
-      safetensors.numpy.save_file(state_dict, tmp)
-    else:
-      import torch  # pylint: disable=g-import-not-at-top
-      torch.save({"ema": {k: torch.from_numpy(v)
-                          for k, v in state_dict.items()}}, tmp)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  convention = _pytorch_convention(config)
-  built = ", ".join(f"{k}={getattr(model, k)!r}" for k in (
-      "input_size", "num_classes", "learn_sigma", "depth"))
-  print(f"note: {config.model.name} ({built}); trained as "
-        + (SAMPLED_BY[convention] if convention else
-           f"jdit's flow with {dict(config.diffusion.flow)}, a time "
-           f"convention no PyTorch DiT sampler assumes"), file=sys.stderr)
-  return out
 
 
 def main(argv=None):
@@ -342,7 +232,7 @@ def main(argv=None):
                       "facebook/DiT-XL-2-256/transformer directory)")
   d.add_argument("--model", required=True,
                  help='e.g. "DiT-XL/2" (DiT, SiT) or "DiT-MoE-S/2-8E2A"')
-  d.add_argument("--objective", choices=sorted(OBJECTIVES), default="ddpm",
+  d.add_argument("--objective", choices=sorted(convert.OBJECTIVES), default="ddpm",
                  help="how the checkpoint was trained: ddpm (DiT, DiT-MoE), "
                       "sit (SiT's flow matching), rf (DiT-MoE's rectified "
                       "flow)")
@@ -385,14 +275,21 @@ def main(argv=None):
                       "0.18215)")
   v.add_argument("--out", required=True)
   e = sub.add_parser("export", help="a jdit DiT-family checkpoint -> the "
-                                    "official PyTorch layout")
+                                    "official PyTorch or diffusers layout "
+                                    "(jdit/convert_export.py)")
   e.add_argument("--checkpoint", required=True,
                  help="a workdir, its checkpoints/ or one step's directory, "
                       "or a converted or pruned checkpoint (EMA params)")
-  e.add_argument("--out", required=True, help="FILE.pt or FILE.safetensors")
+  e.add_argument("--format", choices=("official", "diffusers"),
+                 default="official",
+                 help="official: facebookresearch/DiT's state dict; "
+                      "diffusers: a DiTTransformer2DModel directory")
+  e.add_argument("--out", required=True,
+                 help="FILE.pt or FILE.safetensors; with --format diffusers "
+                      "a new directory")
   args = parser.parse_args(argv)
   commands = {"dit": convert_dit, "vae": convert_vae_cmd,
-              "export": export_cmd}
+              "export": convert_export.export_cmd}
   try:
     out = commands[args.command](args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

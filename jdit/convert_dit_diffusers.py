@@ -1,4 +1,4 @@
-"""diffusers' DiTTransformer2DModel weights -> the official DiT layout.
+"""diffusers' DiTTransformer2DModel weights <-> the official DiT layout.
 
 The Hugging Face Hub's `facebook/DiT-XL-2-256` (and -512) hold DiT's
 released weights in diffusers' layout: separate q/k/v projections, the
@@ -7,6 +7,10 @@ final layer as `proj_out_1/2`, and no stored position embedding.
 `official_state_dict` rewrites such a state dict into facebookresearch/DiT's
 keys (the embedders taken once, after checking that every block holds the
 same), so that `jdit.convert_dit` converts it like the released .pt.
+
+`diffusers_state_dict` and `diffusers_config` go the other way, for
+`jdit.convert export --format diffusers`: a directory that
+`DiTTransformer2DModel.from_pretrained` loads (and a DiTPipeline uses).
 
 The result is DiT's forward pass, not diffusers': diffusers computes the
 timestep frequencies with `downscale_freq_shift=1` (exponent / (half - 1)
@@ -94,3 +98,83 @@ def official_state_dict(state_dict: Mapping[str, Any],
   side = sample_size // patch
   out["pos_embed"] = sincos_2d(width, side, side)[None]
   return out
+
+
+def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], depth: int,
+                         num_classes: int) -> dict[str, np.ndarray]:
+  """The official DiT layout (jdit.convert_dit.dit_params_to_torch's) ->
+  DiTTransformer2DModel's: the inverse of `official_state_dict`.
+
+  diffusers always holds a null-class row (num_classes + 1 labels); a model
+  trained without label dropout gets a zero row there. A REPA projector
+  (training only) is left out; any other part a plain DiT lacks is refused.
+  """
+  sd, used, out = dict(state_dict), set(), {}
+
+  def take(key):
+    if key not in sd:
+      raise CheckpointMismatchError(
+          f"DiTTransformer2DModel needs {key}, which this model lacks")
+    used.add(key)
+    return sd[key]
+
+  def linear(src, dst):
+    for part in ("weight", "bias"):
+      out[f"{dst}.{part}"] = take(f"{src}.{part}")
+
+  linear("x_embedder.proj", "pos_embed.proj")
+  table = take("y_embedder.embedding_table.weight")
+  if len(table) == num_classes:
+    table = np.concatenate([table, np.zeros_like(table[:1])])
+  shared = {"class_embedder.embedding_table.weight": table}
+  shared.update({f"{src}.{p}": take(f"{dst}.{p}")
+                 for src, dst in _EMBEDDERS.items() for p in ("weight", "bias")})
+  for i in range(depth):
+    t, d = f"transformer_blocks.{i}.", f"blocks.{i}."
+    out.update({f"{t}norm1.emb.{k}": v for k, v in shared.items()})
+    for part in ("weight", "bias"):
+      for name, w in zip("qkv", np.split(take(f"{d}attn.qkv.{part}"), 3)):
+        out[f"{t}attn1.to_{name}.{part}"] = w
+    for src, dst in _BLOCK.items():
+      linear(d + dst, t + src)
+  linear("final_layer.adaLN_modulation.1", "proj_out_1")
+  linear("final_layer.linear", "proj_out_2")
+  used.add("pos_embed")  # diffusers computes it from sample_size
+  left = sorted(k for k in set(sd) - used if not k.startswith("projectors."))
+  if left:
+    raise CheckpointMismatchError(
+        f"DiTTransformer2DModel has no place for {len(left)} of this model's "
+        f"weights ({', '.join(left[:6])}): only a plain DiT converts")
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def diffusers_config(model) -> dict:
+  """config.json of the DiTTransformer2DModel that holds jdit DiT `model`
+  (DiT's LayerNorm eps 1e-6; GELU-tanh MLP of ratio 4)."""
+  side = model.input_size
+  if not isinstance(side, int):
+    if len(set(side)) != 1:
+      raise ValueError(f"DiTTransformer2DModel is square; this model's input "
+                       f"is {tuple(side)}")
+    side = side[0]
+  if model.mlp_ratio != 4:
+    raise ValueError(f"DiTTransformer2DModel's MLP is 4x wide; this model's "
+                     f"is {model.mlp_ratio}x")
+  return {
+      "_class_name": "DiTTransformer2DModel",
+      "_diffusers_version": "0.30.0",
+      "num_attention_heads": model.num_heads,
+      "attention_head_dim": model.hidden_size // model.num_heads,
+      "in_channels": model.in_channels,
+      "out_channels": model.out_channels,
+      "num_layers": model.depth,
+      "sample_size": int(side),
+      "patch_size": model.patch_size,
+      "num_embeds_ada_norm": model.num_classes,
+      "activation_fn": "gelu-approximate",
+      "norm_type": "ada_norm_zero",
+      "norm_elementwise_affine": False,
+      "norm_eps": 1e-6,
+      "attention_bias": True,
+      "dropout": 0.0,
+  }

@@ -3,7 +3,9 @@
 A tiny DiTTransformer2DModel with random weights (one timestep and label
 embedder shared by the blocks, as in the Hub's conversion of DiT's weights),
 saved with save_pretrained, converted by `jdit.convert dit`, must give the
-diffusers model's output once diffusers uses DiT's timestep frequencies.
+diffusers model's output once diffusers uses DiT's timestep frequencies;
+`jdit.convert export --format diffusers` must write what from_pretrained
+loads back to the same weights and outputs.
 """
 import os
 
@@ -11,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from convert_export_test import _saved
+from convert_lightningdit_test import _overrides as lightning_overrides
 from convert_test import TINY
 from jdit import checkpoint, convert, convert_cli, convert_dit_diffusers
 from jdit.sampling import model_from_config
@@ -98,3 +102,64 @@ def test_what_is_not_a_dit_is_refused(tmp_path, capsys):
                     "--model", "DiT-S/2", *TINY, "--input_size", "8",
                     "--out", str(tmp_path / "o")])
   assert os.path.isdir(tmp_path / "o")
+
+
+def test_export_to_diffusers_round_trips(tmp_path, capsys):
+  """The Hub layout -> jdit -> `export --format diffusers`: from_pretrained
+  loads it, holding the weights and config it started from."""
+  model_t = _diffusers_dit(seed=1)
+  model_t.save_pretrained(tmp_path / "transformer")
+  convert_cli.main(["dit", "--checkpoint", str(tmp_path / "transformer"),
+                    "--model", "DiT-S/2", *TINY, "--out",
+                    str(tmp_path / "jdit")])
+  out = tmp_path / "exported"
+  convert_cli.main(["export", "--checkpoint", str(tmp_path / "jdit"),
+                    "--format", "diffusers", "--out", str(out)])
+  assert "downscale_freq_shift=1" in capsys.readouterr().err
+  again = diffusers.DiTTransformer2DModel.from_pretrained(out).eval()
+  want, got = model_t.state_dict(), again.state_dict()
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key].numpy(), value.numpy(),
+                                  err_msg=key)
+  for key in ("num_attention_heads", "attention_head_dim", "in_channels",
+              "out_channels", "num_layers", "sample_size", "patch_size",
+              "num_embeds_ada_norm", "norm_eps", "activation_fn",
+              "norm_type"):
+    assert again.config[key] == model_t.config[key], key
+
+
+def test_jdit_trained_dit_runs_in_diffusers(tmp_path, capsys):
+  """A jdit DiT without label dropout or learned sigma: diffusers gives its
+  outputs (at DiT's timestep frequencies); the null row it needs is 0."""
+  directory, params, model = _saved(tmp_path, learn_sigma=False,
+                                    class_dropout_prob=0.0)
+  out = tmp_path / "exported"
+  convert_cli.main(["export", "--checkpoint", directory, "--format",
+                    "diffusers", "--out", str(out)])
+  model_t = diffusers.DiTTransformer2DModel.from_pretrained(out).eval()
+  assert model_t.config.out_channels == 4
+  table = model_t.transformer_blocks[1].norm1.emb.class_embedder
+  np.testing.assert_array_equal(table.embedding_table.weight[10].detach(), 0)
+  _dit_frequencies(model_t, 0)
+  rng = np.random.RandomState(2)
+  x = rng.normal(size=(3, 8, 8, 4)).astype(np.float32)
+  t = np.array([0.0, 17.0, 999.0], np.float32)
+  y = np.array([1, 9, 7])
+  ours = np.asarray(model.apply({"params": params}, *map(jnp.asarray,
+                                                         (x, t, y))))
+  ref = _outputs(model_t, x, t, y)
+  assert np.abs(ref).mean() > 0.05
+  # float32 rounding of outputs up to ~50 (random weights of scale 0.3).
+  assert np.abs(ours - ref).max() <= 2e-5 * np.abs(ref).max()
+
+  lightning, _, _ = _saved(tmp_path / "lightning", "LightningDiT-B/1",
+                           **lightning_overrides("rms_qk_norm"))
+  for args, message in [
+      (["--checkpoint", lightning, "--out", str(tmp_path / "l")],
+       "LightningDiT-B/1 has no diffusers layout"),
+      (["--checkpoint", directory, "--out", str(out)], "is not empty")]:
+    with pytest.raises(SystemExit):
+      convert_cli.main(["export", "--format", "diffusers", *args])
+    assert message in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "l")
