@@ -49,7 +49,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jdit.data import buckets, imagenet, latent_shards, latents
 
 SHARD_PREFIX = f"{latents.DATASET_NAME}-{{split}}.array_record"
-# Flags that do not change what is written: a resumed run may change them.
+# Flags a resumed run may change: they do not change what is written, but
+# for the last bits of the latents with --batch_size (XLA picks the conv
+# algorithm per batch shape).
 _NOT_FINGERPRINTED = ("out", "batch_size", "workers", "overwrite",
                       "restart")
 
