@@ -88,6 +88,9 @@ class Guidance:
                                  or self.apg_momentum):
       raise ValueError("Guidance apg_norm_threshold and apg_momentum apply "
                        "to adaptive projected guidance: set apg_eta too.")
+    if self.apg_eta is not None and self.scale == 1.0:
+      raise ValueError("Guidance apg_eta applies to a guidance scale other "
+                       "than 1 (at 1 nothing is guided).")
     if not self.apg_norm_threshold >= 0.0:
       raise ValueError(f"Guidance apg_norm_threshold must be >= 0, got "
                        f"{self.apg_norm_threshold}.")

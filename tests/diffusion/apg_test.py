@@ -176,9 +176,10 @@ def test_sampling_with_apg(objective, sampler):
 
 @pytest.mark.parametrize("kw,message", [
     ({"apg_momentum": -0.5}, "set apg_eta too"),
+    ({"apg_eta": 0.0, "scale": 1.0}, "other than 1"),
     ({"apg_eta": 0.0, "apg_norm_threshold": -1.0}, "must be >= 0"),
     ({"apg_eta": 0.0, "apg_momentum": 1.0}, r"must be in \(-1, 1\)"),
 ])
 def test_bad_apg_settings(kw, message):
   with pytest.raises(ValueError, match=message):
-    diffusion.Guidance(scale=2.0, **kw)
+    diffusion.Guidance(**{"scale": 2.0, **kw})
