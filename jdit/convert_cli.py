@@ -232,7 +232,8 @@ def main(argv=None):
                       "facebook/DiT-XL-2-256/transformer directory)")
   d.add_argument("--model", required=True,
                  help='e.g. "DiT-XL/2" (DiT, SiT) or "DiT-MoE-S/2-8E2A"')
-  d.add_argument("--objective", choices=sorted(convert.OBJECTIVES), default="ddpm",
+  d.add_argument("--objective", choices=sorted(convert.OBJECTIVES),
+                 default="ddpm",
                  help="how the checkpoint was trained: ddpm (DiT, DiT-MoE), "
                       "sit (SiT's flow matching), rf (DiT-MoE's rectified "
                       "flow)")

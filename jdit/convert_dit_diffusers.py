@@ -45,6 +45,30 @@ def is_diffusers_dit(state_dict: Mapping[str, Any]) -> bool:
   return DIFFUSERS_MARKER in state_dict
 
 
+class _Rewriter:
+  """Moves a state dict's tensors to new keys in `out`, remembering which
+  were read (the rest is checked at the end); `missing` formats the error
+  for a key that is not there."""
+
+  def __init__(self, state_dict: Mapping[str, np.ndarray], missing: str):
+    self.sd, self.missing = state_dict, missing
+    self.used: set[str] = set()
+    self.out: dict[str, np.ndarray] = {}
+
+  def take(self, key: str) -> np.ndarray:
+    if key not in self.sd:
+      raise CheckpointMismatchError(self.missing.format(key=key))
+    self.used.add(key)
+    return self.sd[key]
+
+  def linear(self, src: str, dst: str) -> None:
+    for part in ("weight", "bias"):
+      self.out[f"{dst}.{part}"] = self.take(f"{src}.{part}")
+
+  def unread(self) -> list[str]:
+    return sorted(set(self.sd) - self.used)
+
+
 def official_state_dict(state_dict: Mapping[str, Any],
                         sample_size: int) -> dict[str, np.ndarray]:
   """A DiTTransformer2DModel state dict -> DiT's keys (numpy float32).
@@ -55,18 +79,8 @@ def official_state_dict(state_dict: Mapping[str, Any],
   sd = {k: to_numpy(v) for k, v in state_dict.items()}
   depth = 1 + max(int(m.group(1)) for m in (
       re.match(r"transformer_blocks\.(\d+)\.", k) for k in sd) if m)
-  out, used = {}, set()
-
-  def take(key):
-    if key not in sd:
-      raise CheckpointMismatchError(f"diffusers DiT checkpoint lacks {key}")
-    used.add(key)
-    return sd[key]
-
-  def linear(src, dst):
-    for part in ("weight", "bias"):
-      out[f"{dst}.{part}"] = take(f"{src}.{part}")
-
+  r = _Rewriter(sd, "diffusers DiT checkpoint lacks {key}")
+  take, linear, out = r.take, r.linear, r.out
   linear("pos_embed.proj", "x_embedder.proj")
   emb = "transformer_blocks.{}.norm1.emb."
   pairs = [(f"{src}.{p}", f"{dst}.{p}") for src, dst in _EMBEDDERS.items()
@@ -89,7 +103,7 @@ def official_state_dict(state_dict: Mapping[str, Any],
       linear(t + src, d + dst)
   linear("proj_out_1", "final_layer.adaLN_modulation.1")
   linear("proj_out_2", "final_layer.linear")
-  unexpected = sorted(set(sd) - used)
+  unexpected = r.unread()
   if unexpected:
     raise CheckpointMismatchError(
         f"diffusers DiT checkpoint has keys no DiT has ({len(unexpected)}): "
@@ -109,19 +123,9 @@ def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], depth: int,
   trained without label dropout gets a zero row there. A REPA projector
   (training only) is left out; any other part a plain DiT lacks is refused.
   """
-  sd, used, out = dict(state_dict), set(), {}
-
-  def take(key):
-    if key not in sd:
-      raise CheckpointMismatchError(
-          f"DiTTransformer2DModel needs {key}, which this model lacks")
-    used.add(key)
-    return sd[key]
-
-  def linear(src, dst):
-    for part in ("weight", "bias"):
-      out[f"{dst}.{part}"] = take(f"{src}.{part}")
-
+  r = _Rewriter(state_dict,
+                "DiTTransformer2DModel needs {key}, which this model lacks")
+  take, linear, out = r.take, r.linear, r.out
   linear("x_embedder.proj", "pos_embed.proj")
   table = take("y_embedder.embedding_table.weight")
   if len(table) == num_classes:
@@ -139,8 +143,8 @@ def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], depth: int,
       linear(d + dst, t + src)
   linear("final_layer.adaLN_modulation.1", "proj_out_1")
   linear("final_layer.linear", "proj_out_2")
-  used.add("pos_embed")  # diffusers computes it from sample_size
-  left = sorted(k for k in set(sd) - used if not k.startswith("projectors."))
+  r.used.add("pos_embed")  # diffusers computes it from sample_size
+  left = [k for k in r.unread() if not k.startswith("projectors.")]
   if left:
     raise CheckpointMismatchError(
         f"DiTTransformer2DModel has no place for {len(left)} of this model's "

@@ -143,6 +143,11 @@ def _prefetch(iterator, size: int = 2):
     yield item
 
 
+def _copies(args) -> int:
+  """Examples stored per image: with --flip both, the image and its mirror."""
+  return 2 if args.flip == "both" else 1
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     # pylint: disable-next=g-import-not-at-top
@@ -197,7 +202,7 @@ def extract(args: argparse.Namespace) -> dict:
   if args.image_size < f or args.image_size % f:
     raise ValueError(f"--image_size {args.image_size} must be a positive "
                      f"multiple of the VAE's downsampling factor {f}")
-  copies = 2 if args.flip == "both" else 1
+  copies = _copies(args)
   if args.examples_per_shard < 1 or args.examples_per_shard % copies:
     raise ValueError(f"--examples_per_shard must be a positive multiple of "
                      f"{copies} (--flip {args.flip}: an image and its mirror "
@@ -265,7 +270,7 @@ def _encode_into(args, source, directory, host, hosts, module, encoder):
   image_shape = (height, width, 3) if args.store_images else None
   feats = latents.features(shape, source.classes, np.dtype(args.dtype),
                            image_shape=image_shape)
-  copies = 2 if args.flip == "both" else 1
+  copies = _copies(args)
   encode, ndev = encoder
   step = -(-max(args.batch_size, copies) // (ndev * copies)) * ndev * copies
   writer = latent_shards.ShardWriter(directory, host, feats,

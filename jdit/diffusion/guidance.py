@@ -130,9 +130,10 @@ def _join(a, b):
   return jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
 
 
-def _apg_update(guidance, x0_affine, x, t_norm, cond, uncond, previous):
+def _apg_update(guidance, x0_affine, x, t_norm, cond, uncond, average):
   """APG's replacement for ``cond - uncond`` (guided channels only), in
-  output units, and the x0-space update for the momentum average."""
+  output units, and the momentum state: ``average`` is [] without momentum,
+  else [the previous x0-space update], and comes back updated."""
   axes = tuple(range(1, x.ndim))
   a, b = (jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
           for v in x0_affine(t_norm))
@@ -142,8 +143,8 @@ def _apg_update(guidance, x0_affine, x, t_norm, cond, uncond, previous):
   b = jnp.where(usable, b, 1.0)
   d = b * (cond - uncond)
   if guidance.apg_momentum:
-    d = d + guidance.apg_momentum * previous
-    previous = jnp.where(usable, d, previous)
+    d = d + guidance.apg_momentum * average[0]
+    average = [jnp.where(usable, d, average[0])]
   norm = lambda v: jnp.sqrt(jnp.sum(v * v, axes, keepdims=True))
   if guidance.apg_norm_threshold:
     d = d * jnp.minimum(1.0, guidance.apg_norm_threshold
@@ -152,7 +153,7 @@ def _apg_update(guidance, x0_affine, x, t_norm, cond, uncond, previous):
   unit = x0 / jnp.maximum(norm(x0), 1e-12)
   parallel = jnp.sum(d * unit, axes, keepdims=True) * unit
   d = d - parallel + guidance.apg_eta * parallel
-  return jnp.where(usable, d / b, cond - uncond), previous
+  return jnp.where(usable, d / b, cond - uncond), average
 
 
 def guided_model(model_fn, guidance, y, data_channels, state=((), ()),
@@ -226,9 +227,7 @@ def guided_model(model_fn, guidance, y, data_channels, state=((), ()),
       uncond_rows = jax.tree.map(lambda r: r[b:], both_rows)
     if apg:
       update, average = _apg_update(guidance, x0_affine, x[..., :k], t_norm,
-                                    cond[..., :k], uncond[..., :k],
-                                    *average or [None])
-      average = [] if average is None else [average]
+                                    cond[..., :k], uncond[..., :k], average)
       mixed = cond[..., :k] + (w - 1) * update
     else:
       mixed = uncond[..., :k] + w * (cond[..., :k] - uncond[..., :k])
