@@ -11,7 +11,8 @@ kernel (and ("tpu",) the Mosaic one) rather than whatever the host runs.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import functools
+from typing import Callable, Hashable
 
 import jax
 from jax import export as jax_export
@@ -40,6 +41,7 @@ def select(impl: str, *, reference: Callable, gpu: Callable, tpu: Callable,
   check_impl(impl)
   if impl == "reference":
     return reference
+  gpu, tpu, interpret = map(_shared_jit, (gpu, tpu, interpret))
   host = interpret if impl == "pallas" else reference
 
   def run(*args):
@@ -47,6 +49,37 @@ def select(impl: str, *, reference: Callable, gpu: Callable, tpu: Callable,
         *args, cpu=host, cuda=gpu, rocm=gpu, tpu=tpu, default=host)
 
   return run
+
+
+# Every branch of `platform_dependent` is traced, whichever runs, so each call
+# traces the Pallas kernels of both accelerators (and their VJPs under grad).
+# Equal kernels share one jit, whose trace is cached per input shapes: the 28
+# identical blocks of DiT-XL/2-local trace them once, not 28 times.
+_JITS: dict[Hashable, Callable] = {}
+
+
+def _value_key(fn: Callable) -> Hashable | None:
+  """`fn` as a hashable value: a function, or a partial of one with hashable
+  arguments (compared by value); None when some argument is unhashable."""
+  key = fn
+  if isinstance(fn, functools.partial):
+    inner = _value_key(fn.func)
+    key = None if inner is None else (
+        inner, fn.args, tuple(sorted(fn.keywords.items())))
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _shared_jit(fn: Callable) -> Callable:
+  key = _value_key(fn)
+  if key is None:
+    return fn
+  if key not in _JITS:
+    _JITS[key] = jax.jit(fn)
+  return _JITS[key]
 
 
 def gpu_params(num_warps: int = 4, num_stages: int = 2) -> plgpu.CompilerParams:
