@@ -31,7 +31,18 @@ if _OWN_CACHE:
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
+
+# Orbax's replica-parallel saving splits each replicated array among its
+# replicas, compiling a slice per array and device: 136 compiles (~3.5 s) in
+# every save-run of the tiny model on 8 CPU devices, to spread writes over
+# hosts that a test does not have. Tests save each array from one replica;
+# the subprocess tests (multihost, the CLIs) keep orbax's default.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+    override=True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
