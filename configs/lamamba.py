@@ -14,7 +14,8 @@ jdit/models/lamamba.py). Every size uses the paper's SS2D Mamba mixer.
 
 "digits" (the default) is configs/default.py with a tiny LaMamba-Diff: 8x8
 images at patch 1, two stages (8x8 then 4x4 tokens, widths 32 and 64),
-4x4 windows, a one-block bottleneck: sized for a CPU (tests run 20 steps).
+4x4 windows, a one-block bottleneck: sized for a CPU (a test trains it 10
+steps).
 
 "imagenet256"/"imagenet512" take the data, VAE, mesh and sampling settings of
 configs/dit_imagenet256.py (latents 32x32x4 / 64x64x4) and change what the

@@ -14,8 +14,10 @@ torch = pytest.importorskip("torch")
 
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 import inception_torch_ref
-from jdit import convert_dinov2, dinov2  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.dinov2_test import _torch_model as torch_dinov2  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from jdit import convert_dinov2, dinov2
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from tests.dinov2_test import _torch_model as torch_dinov2
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +124,10 @@ def test_cli_matches_library(files, capsys, monkeypatch):
   assert (out["precision"], out["recall"]) == scores.precision_recall(
       fr["pool"], fs["pool"])
   assert out["fid"] > 0 and out["sfid"] > 0
-  # Features are those of the library's batched extractor (padding etc.).
+  # Features are those of the library's batched extractor, also of a
+  # batch it pads (3 images in a batch of 4, the CLI's compiled shape).
   params = inception.load_inception(inc)
-  again = fid.InceptionFeatures(params, batch_size=3)([samples[:3]])
+  again = fid.InceptionFeatures(params, batch_size=4)([samples[:3]])
   np.testing.assert_allclose(again["pool"], fs["pool"][:3], rtol=1e-5,
                              atol=1e-5)
 
