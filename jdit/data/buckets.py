@@ -67,6 +67,19 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
   return shapes
 
 
+def from_flags(spec: str, image_size: int, step: int | None,
+               max_aspect: float, factor: int) -> list[tuple[int, int]]:
+  """The (height, width) pixel buckets of extract_latents' --buckets: "auto"
+  (aspect_buckets, sides multiples of `step` or of twice the VAE's
+  downsampling `factor`) or an explicit list; checked against `factor`."""
+  if spec == "auto":
+    shapes = aspect_buckets(image_size, step or 2 * factor, max_aspect)
+  else:
+    shapes = parse_buckets(spec)
+  check_buckets(shapes, factor)
+  return shapes
+
+
 def nearest_bucket(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]
                    ) -> np.ndarray:
   """Index of the bucket nearest in log aspect ratio for each (width,

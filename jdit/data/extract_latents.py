@@ -155,20 +155,6 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _bucket_shapes(args, factor: int) -> list[tuple[int, int]] | None:
-  """The (height, width) pixel buckets --buckets asks for; None without."""
-  if not args.buckets:
-    return None
-  if args.buckets == "auto":
-    shapes = buckets.aspect_buckets(args.image_size,
-                                    args.bucket_step or 2 * factor,
-                                    args.max_aspect)
-  else:
-    shapes = buckets.parse_buckets(args.buckets)
-  buckets.check_buckets(shapes, factor)
-  return shapes
-
-
 def _assign(source, shapes, tmp: str, host: int, hosts: int) -> np.ndarray:
   """Bucket index of every image; each host reads its slice's headers."""
   part = imagenet.host_slice(len(source), host, hosts)
@@ -207,7 +193,8 @@ def extract(args: argparse.Namespace) -> dict:
     raise ValueError(f"--examples_per_shard must be a positive multiple of "
                      f"{copies} (--flip {args.flip}: an image and its mirror "
                      f"share a shard), got {args.examples_per_shard}")
-  shapes = _bucket_shapes(args, f)
+  shapes = buckets.from_flags(args.buckets, args.image_size, args.bucket_step,
+                             args.max_aspect, f) if args.buckets else None
   source = imagenet.open_source(
       args.source, data_dir=args.data_dir, folder=args.folder,
       split=args.split, image_size=args.image_size, workers=args.workers,
