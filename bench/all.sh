@@ -7,7 +7,8 @@
 #                               and without feature caching
 #   bash bench/all.sh kernels   local attention vs dense (cuDNN) and masked;
 #                               selective scan (splits 1 vs auto); linear
-#                               attention
+#                               attention; host time to trace models
+#                               with kernels
 #   bash bench/all.sh lamamba   LaMamba-Diff-XL vs DiT-XL/2, training and
 #                               sampling at 256 and 512
 #   bash bench/all.sh mixers    every mixer family vs attention in DiT-B/2's
@@ -79,6 +80,7 @@ case $part in
     run attention 280 python3 bench/attention.py
     run scan 170 python3 bench/scan.py --iters 10
     run linear_attention 120 python3 bench/linear_attention.py
+    run trace 90 python3 bench/trace.py
     ;;
   *)
     echo "unknown part $part: train, kernels, lamamba or mixers"; exit 2 ;;

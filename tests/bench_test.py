@@ -107,6 +107,7 @@ def test_datasheet_peaks():
     ("attention.py", ("what", "time_ms", "device", "jax")),
     ("scan.py", ("what", "ms", "gbs", "copy_ratio")),
     ("linear_attention.py", ("what", "ms", "gbs", "copy_ratio")),
+    ("trace.py", ("what", "model", "trace_s", "unshared_trace_s", "speedup")),
     # Every mixer family compiles twice (forward, train step): minutes on
     # CPU, and tests/models/mixers_test.py covers the mixers themselves.
     pytest.param("mixers.py", ("what", "mixer", "time_ms", "speedup"),
