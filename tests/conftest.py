@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 # replicas, compiling a slice per array and device: 136 compiles (~3.5 s) in
 # every save-run of the tiny model on 8 CPU devices, to spread writes over
 # hosts that a test does not have. Tests save each array from one replica;
-# the subprocess tests (multihost, the CLIs) keep orbax's default.
+# tests that start python (multihost, bench/, sample.py) keep the default.
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
     override=True)
