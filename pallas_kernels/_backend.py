@@ -41,8 +41,8 @@ def select(impl: str, *, reference: Callable, gpu: Callable, tpu: Callable,
   check_impl(impl)
   if impl == "reference":
     return reference
-  gpu, tpu, interpret = map(_shared_jit, (gpu, tpu, interpret))
-  host = interpret if impl == "pallas" else reference
+  gpu, tpu = _shared_jit(gpu), _shared_jit(tpu)
+  host = _shared_jit(interpret) if impl == "pallas" else reference
 
   def run(*args):
     return jax.lax.platform_dependent(
