@@ -126,6 +126,23 @@ def export_for(jitted: Callable, platform: str, *args,
   """
   if platform not in ("cuda", "rocm"):
     return jax_export.export(jitted, platforms=(platform,))(*args)
+  args = jax.tree.map(functools.partial(_on_device, device=gpu), args)
   with gpu_lowering_target(gpu):
     return jax_export.export(jitted, platforms=(platform,),
                              disabled_checks=[TRITON_CALL])(*args)
+
+
+def _on_device(arg, device: jax.sharding.AbstractDevice):
+  """A sharded argument as an abstract value on `device`'s mesh.
+
+  The function is traced under the abstract GPU mesh, so values it makes
+  (an iota, a PRNG key) live there; arguments left on the host's mesh would
+  meet them in one op on two meshes, which jax rejects.
+  """
+  s = getattr(arg, "sharding", None)
+  if not isinstance(s, jax.sharding.NamedSharding):
+    return arg
+  mesh = s.mesh.abstract_mesh.update(abstract_device=device)
+  return jax.ShapeDtypeStruct(arg.shape, arg.dtype,
+                              sharding=jax.sharding.NamedSharding(
+                                  mesh, s.spec, memory_kind=s.memory_kind))
