@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, diffusion, feature_cache, sampling
+from jdit import checkpoint, diffusion, feature_cache, sampling, sharding
 from jdit.models import block_hooks
 
 ROUTER_FORMAT = "jdit.learn_cache/1"
@@ -95,17 +95,40 @@ class TrajectoryRecorder:
     return out, (count + 1, rows)
 
 
+def _on_mesh(mesh, params, **rows):
+  """(mesh, params replicated on it); None: one device's mesh. Checks that
+  each of `rows` (name=count) splits over the mesh's batch axes."""
+  mesh = mesh or sharding.create_mesh({"data": 1}, jax.devices()[:1])
+  par = sharding.batch_parallelism(mesh)
+  for name, n in rows.items():
+    if n % par:
+      raise ValueError(f"{name} must be a multiple of the {par} devices "
+                       f"that share each batch, got {n}")
+  return mesh, jax.device_put(params, sharding.NamedSharding(mesh,
+                                                             sharding.P()))
+
+
+def _place(mesh, *arrays):
+  """Host arrays split by rows over the mesh's batch axes."""
+  return jax.device_put(arrays, sharding.batch_sharding(mesh))
+
+
 def record(model, objective, params, labels, *, seed: int, sampler: str,
-           steps: int, guidance, chunk: int) -> dict[str, np.ndarray]:
+           steps: int, guidance, chunk: int, mesh=None
+           ) -> dict[str, np.ndarray]:
   """Samples `labels` with the full model, `chunk` at a time, and returns
   the network inputs of every evaluation: x ``(R, E, H, W, C)``, t, seen
   ``(R, E)`` and y ``(R,)``, R = len(labels) rows, twice that with
-  guidance (conditional rows, then unconditional)."""
+  guidance (conditional rows, then unconditional). `mesh`: each chunk's
+  runs are split over its batch axes (params replicated on it); None: one
+  device."""
+  mesh, params = _on_mesh(mesh, params, chunk=chunk, **{
+      "the last chunk": len(labels) % chunk})
   evaluations = objective.evaluations(sampler, steps)
-  recorder = TrajectoryRecorder(model, params, evaluations)
 
   @jax.jit
-  def run(key, y):
+  def run(params, key, y):
+    recorder = TrajectoryRecorder(model, params, evaluations)
     noise = jax.random.normal(jax.random.fold_in(key, 0),
                               (y.shape[0],) + model.input_shape)
     _, state = objective.sample(recorder, noise, jax.random.fold_in(key, 1),
@@ -116,8 +139,10 @@ def record(model, objective, params, labels, *, seed: int, sampler: str,
 
   out = []
   for c, start in enumerate(range(0, len(labels), chunk)):
-    y = jnp.asarray(labels[start:start + chunk], jnp.int32)
-    count, rows = run(jax.random.fold_in(jax.random.key(seed), c), y)
+    y, = _place(mesh, np.asarray(labels[start:start + chunk], np.int32))
+    with sharding.use_mesh(mesh):
+      count, rows = run(params, jax.random.fold_in(jax.random.key(seed), c),
+                        y)
     if int(count) != evaluations:
       raise AssertionError(f"{sampler} with {steps} steps made {int(count)} "
                            f"network evaluations, expected {evaluations}")
@@ -164,7 +189,8 @@ def _stale_weights(beta, n, window: int):
 
 def train_router(model, params, trajectories, *, iterations: int,
                  batch_size: int, lr: float, sparsity: float, seed: int,
-                 channels: int, window: int = 8, init_logit: float = 3.0):
+                 channels: int, window: int = 8, init_logit: float = 3.0,
+                 mesh=None):
   """Learns the router logits ``(E, L)`` on `trajectories` (record's).
 
   The update a reused block adds is, at sampling, that of the last
@@ -176,10 +202,12 @@ def train_router(model, params, trajectories, *, iterations: int,
   evaluations in a row).
 
   Returns (logits, history): history holds per iteration the relative
-  error and the mean beta of the batch.
+  error and the mean beta of the batch. `mesh`: each batch is split over
+  its batch axes; None: one device.
   """
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
+  mesh, params = _on_mesh(mesh, params, batch_size=batch_size)
   x, t, y, seen = (trajectories[k] for k in ("x", "t", "y", "seen"))
   e = x.shape[1]
   # (row, n) for n >= 1 with the row evaluated at n and the window before.
@@ -198,18 +226,19 @@ def train_router(model, params, trajectories, *, iterations: int,
   tx = optax.adam(lr)
 
   @jax.jit
-  def step(logits, opt_state, x_back, t_back, x_n, t_n, y_n, n):
-    b = x_n.shape[0]  # x_back: (window * B, ...), j-major
+  def step(params, logits, opt_state, x_back, t_back, x_n, t_n, y_n, n):
+    b = x_n.shape[0]  # x_back: (B * window, ...), row-major, so that a
+    # device's rows of x_back are the past of its rows of x_n
     _, past = _run_blocks(model, params, x_back, t_back,
-                          jnp.tile(y_n, window))
-    past = [u.reshape((window, b) + u.shape[1:]) for u in past]
+                          jnp.repeat(y_n, window))
+    past = [u.reshape((b, window) + u.shape[1:]) for u in past]
     target = _run_blocks(model, params, x_n, t_n, y_n)[0][..., :channels]
     scale = jnp.mean(jnp.square(target))
 
     def loss_fn(logits):
       beta = jax.nn.sigmoid(logits)
       w = _stale_weights(beta, n, window)  # (B, window, L)
-      cached = [jnp.einsum("bj,jb...->b...", w[:, :, i], u.astype(jnp.float32)
+      cached = [jnp.einsum("bj,bj...->b...", w[:, :, i], u.astype(jnp.float32)
                            ).astype(u.dtype) for i, u in enumerate(past)]
       out = _run_blocks(model, params, x_n, t_n, y_n, (beta[n], cached))[0]
       err = jnp.mean(jnp.square(out[..., :channels] - target)) / scale
@@ -225,10 +254,12 @@ def train_router(model, params, trajectories, *, iterations: int,
     pick = pairs[np.random.default_rng([seed, it]).integers(
         0, len(pairs), batch_size)]
     r, n = pick[:, 0], pick[:, 1]
-    k = back[n].T.reshape(-1)  # j-major: n - 1 for all, then n - 2, ...
-    rr = np.tile(r, window)
-    logits, opt_state, (err, mean_beta) = step(
-        logits, opt_state, x[rr, k], t[rr, k], x[r, n], t[r, n], y[r], n)
+    k = back[n].reshape(-1)  # per row: n - 1, n - 2, ..., n - window
+    rr = np.repeat(r, window)
+    with sharding.use_mesh(mesh):
+      logits, opt_state, (err, mean_beta) = step(
+          params, logits, opt_state,
+          *_place(mesh, x[rr, k], t[rr, k], x[r, n], t[r, n], y[r], n))
     history.append((float(err), float(mean_beta)))
   return np.asarray(logits), history
 
@@ -263,21 +294,18 @@ def load_router(path: str, sampler: str, steps: int
 
 
 def sample_error(model, objective, params, cache, labels, *, seed: int,
-                 sampler: str, steps: int, guidance) -> float:
+                 sampler: str, steps: int, guidance, mesh=None) -> float:
   """Relative L2 distance of samples drawn with `cache` from those of the
-  full model, same noise and labels."""
-  noise = jax.random.normal(jax.random.key(seed),
-                            (len(labels),) + model.input_shape)
-  y = jnp.asarray(labels, jnp.int32)
+  full model, same noise and labels (split over `mesh` as in record)."""
+  mesh, params = _on_mesh(mesh, params, labels=len(labels))
 
-  def run(fn):
-    return jax.jit(lambda noise, y: objective.sample(
-        fn, noise, jax.random.key(seed + 1), y=y, sampler=sampler,
-        steps=steps, guidance=guidance))(noise, y)
+  def run(cache):
+    return sampling.Sampler(model, objective, params, mesh=mesh,
+                            sampler=sampler, steps=steps, guidance=guidance,
+                            cache=cache)(jax.random.key(seed), labels)
 
-  full = run(lambda x, t, yy: model.apply({"params": params}, x, t, yy))
-  fast = run(feature_cache.CachedNetwork(model, params, cache))
-  return float(jnp.linalg.norm(fast - full) / jnp.linalg.norm(full))
+  full, fast = run(None), run(cache)
+  return float(np.linalg.norm(fast - full) / np.linalg.norm(full))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -325,6 +353,12 @@ def learn(args: argparse.Namespace) -> dict:
                      f"{args.cfg_interval!r}") from e
   if not 0.0 < args.threshold < 1.0:
     raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+  if jax.process_count() > 1:
+    raise ValueError("jdit.learn_cache runs in one process (on all of its "
+                     f"devices), not {jax.process_count()}")
+  mesh, _ = _on_mesh(sharding.create_mesh({"data": -1}), None, **{
+      "--chunk": args.chunk, "--batch_size": args.batch_size,
+      "--num_samples % --chunk": args.num_samples % args.chunk})
   params, config = checkpoint.load_for_sampling(args.checkpoint)
   model, objective = sampling.model_from_config(config)
   if "remat" in getattr(model, "__dataclass_fields__", {}):
@@ -334,14 +368,16 @@ def learn(args: argparse.Namespace) -> dict:
   guidance = diffusion.Guidance(scale=args.cfg_scale,
                                 null_label=model.num_classes,
                                 interval=interval)
+  sampling.check_cfg(model, guidance)
   labels = np.arange(args.num_samples) % model.num_classes
-  run = dict(sampler=sampler, steps=steps, guidance=guidance)
+  run = dict(sampler=sampler, steps=steps, guidance=guidance, mesh=mesh)
   trajectories = record(model, objective, params, labels, seed=args.seed,
                         chunk=args.chunk, **run)
   logits, history = train_router(
       model, params, trajectories, iterations=args.iterations,
       batch_size=args.batch_size, lr=args.lr, sparsity=args.sparsity,
-      seed=args.seed, channels=model.in_channels, window=args.window)
+      seed=args.seed, channels=model.in_channels, window=args.window,
+      mesh=mesh)
   cache = schedule_from_logits(logits, args.threshold)
   table = np.asarray(cache.schedule)
   router = {

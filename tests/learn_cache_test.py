@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdit import checkpoint, diffusion, feature_cache, learn_cache, sampling
+from jdit import (checkpoint, diffusion, feature_cache, learn_cache, sampling,
+                  sharding)
 from jdit.diffusion import paths
 from jdit.models import build_model
 from jdit.models.registry import smoke_overrides
@@ -144,6 +145,41 @@ def _with_identity_block(model, params, block):
   return params
 
 
+def test_training_loss_by_hand():
+  """The first step's error, recomputed row by row: each row's cache mixes
+  that row's own past updates by the stale weights."""
+  model, params = _model(depth=2)
+  objective = _flow()
+  labels = np.arange(4) % NUM_CLASSES
+  rec = learn_cache.record(model, objective, params, labels, seed=0,
+                           sampler="euler", steps=5, guidance=None, chunk=4)
+  window, batch, logit = 2, 4, 0.5
+  _, history = learn_cache.train_router(
+      model, params, rec, iterations=1, batch_size=batch, lr=0.0,
+      sparsity=0.0, seed=7, channels=4, window=window, init_logit=logit)
+  # The pairs train_router draws: every (row, n >= 1), all rows seen.
+  pairs = np.argwhere(np.ones((4, 5), bool))
+  pairs = pairs[pairs[:, 1] >= 1]
+  pick = pairs[np.random.default_rng([7, 0]).integers(0, len(pairs), batch)]
+  beta = jnp.full((5, 2), jax.nn.sigmoid(logit))
+  errs, scales = [], []
+  for r, n in pick:
+    run = lambda k, mix=None: learn_cache._run_blocks(
+        model, params, jnp.asarray(rec["x"][r:r + 1, k]),
+        jnp.asarray(rec["t"][r:r + 1, k]), jnp.asarray(rec["y"][r:r + 1]),
+        mix)
+    w = learn_cache._stale_weights(beta, jnp.asarray([n]), window)[0]
+    past = [run(max(n - j, 0))[1] for j in range(1, window + 1)]
+    cached = [sum(w[j, i] * past[j][i] for j in range(window))
+              for i in range(2)]
+    target = run(n)[0]
+    out = run(n, (beta[n][None], cached))[0]
+    errs.append(float(jnp.sum(jnp.square(out - target))))
+    scales.append(float(jnp.sum(jnp.square(target))))
+  np.testing.assert_allclose(history[0][0], sum(errs) / sum(scales),
+                             rtol=1e-4)
+
+
 def test_router_learns_to_reuse_what_costs_nothing():
   model, params = _model(depth=3)
   params = _with_identity_block(model, params, 1)
@@ -174,6 +210,33 @@ def test_router_learns_to_reuse_what_costs_nothing():
   assert error < interval_error
 
 
+def test_split_over_devices_equals_one_device():
+  model, params = _model(depth=2)
+  objective = _flow()
+  labels = np.arange(8) % NUM_CLASSES
+  run = dict(sampler="euler", steps=4, guidance=diffusion.Guidance(
+      scale=2.0, null_label=NUM_CLASSES, interval=(0.0, 0.5)))
+  mesh = sharding.create_mesh({"data": 4, "fsdp": 2}, jax.devices()[:8])
+  one = learn_cache.record(model, objective, params, labels, seed=0, chunk=8,
+                           **run)
+  split = learn_cache.record(model, objective, params, labels, seed=0,
+                             chunk=8, mesh=mesh, **run)
+  for k in one:
+    np.testing.assert_allclose(split[k], one[k], atol=1e-5, err_msg=k)
+  train = dict(iterations=3, batch_size=8, lr=0.1, sparsity=0.02, seed=0,
+               channels=4, window=2)
+  logits_one, history_one = learn_cache.train_router(model, params, one,
+                                                     **train)
+  logits, history = learn_cache.train_router(model, params, one, mesh=mesh,
+                                             **train)
+  np.testing.assert_allclose(logits, logits_one, atol=1e-5)
+  np.testing.assert_allclose(history, history_one, rtol=1e-4)
+  with pytest.raises(ValueError, match="batch_size must be a multiple of "
+                     "the 8 devices"):
+    learn_cache.train_router(model, params, one, mesh=mesh,
+                             **{**train, "batch_size": 4})
+
+
 def test_cli_writes_a_router_that_sample_py_uses(tmp_path):
   model, params = _model(depth=2)
   c = load_config("default")
@@ -183,9 +246,14 @@ def test_cli_writes_a_router_that_sample_py_uses(tmp_path):
   ckpt = str(tmp_path / "ckpt")
   checkpoint.save_for_sampling(ckpt, params, c)
   out = str(tmp_path / "router.json")
+  # Runs on all 8 devices: chunks and batches split 8 ways.
   args = ["--checkpoint", ckpt, "--sampler", "euler", "--steps", "5",
-          "--num_samples", "4", "--chunk", "4", "--iterations", "20",
+          "--num_samples", "8", "--chunk", "8", "--iterations", "20",
           "--cfg_scale", "1.5", "--out", out]
+  with pytest.raises(ValueError, match="--chunk must be a multiple of the 8 "
+                     "devices that share each batch, got 4"):
+    learn_cache.main(args[:8] + ["--chunk", "4"] + args[10:])
+  assert not os.path.exists(out)
   learn_cache.main(args)
   with open(out) as f:
     router = json.load(f)
