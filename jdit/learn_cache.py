@@ -95,22 +95,22 @@ class TrajectoryRecorder:
     return out, (count + 1, rows)
 
 
-def _on_mesh(mesh, params, **rows):
-  """(mesh, params replicated on it); None: one device's mesh. Checks that
-  each of `rows` (name=count) splits over the mesh's batch axes."""
-  mesh = mesh or sharding.create_mesh({"data": 1}, jax.devices()[:1])
+def _check_rows(mesh, **rows) -> None:
+  """Each of `rows` (name=count) must split over the mesh's batch axes."""
   par = sharding.batch_parallelism(mesh)
   for name, n in rows.items():
     if n % par:
       raise ValueError(f"{name} must be a multiple of the {par} devices "
                        f"that share each batch, got {n}")
+
+
+def _on_mesh(mesh, params, **rows):
+  """(mesh, params replicated on it), `mesh` None meaning one device's;
+  checks `rows` as _check_rows."""
+  mesh = mesh or sharding.create_mesh({"data": 1}, jax.devices()[:1])
+  _check_rows(mesh, **rows)
   return mesh, jax.device_put(params, sharding.NamedSharding(mesh,
                                                              sharding.P()))
-
-
-def _place(mesh, *arrays):
-  """Host arrays split by rows over the mesh's batch axes."""
-  return jax.device_put(arrays, sharding.batch_sharding(mesh))
 
 
 def record(model, objective, params, labels, *, seed: int, sampler: str,
@@ -139,7 +139,8 @@ def record(model, objective, params, labels, *, seed: int, sampler: str,
 
   out = []
   for c, start in enumerate(range(0, len(labels), chunk)):
-    y, = _place(mesh, np.asarray(labels[start:start + chunk], np.int32))
+    y = sharding.global_batch(
+        {"y": np.asarray(labels[start:start + chunk], np.int32)}, mesh)["y"]
     with sharding.use_mesh(mesh):
       count, rows = run(params, jax.random.fold_in(jax.random.key(seed), c),
                         y)
@@ -256,10 +257,12 @@ def train_router(model, params, trajectories, *, iterations: int,
     r, n = pick[:, 0], pick[:, 1]
     k = back[n].reshape(-1)  # per row: n - 1, n - 2, ..., n - window
     rr = np.repeat(r, window)
+    batch = sharding.global_batch(dict(
+        x_back=x[rr, k], t_back=t[rr, k], x_n=x[r, n], t_n=t[r, n], y_n=y[r],
+        n=n.astype(np.int32)), mesh)
     with sharding.use_mesh(mesh):
-      logits, opt_state, (err, mean_beta) = step(
-          params, logits, opt_state,
-          *_place(mesh, x[rr, k], t[rr, k], x[r, n], t[r, n], y[r], n))
+      logits, opt_state, (err, mean_beta) = step(params, logits, opt_state,
+                                                 **batch)
     history.append((float(err), float(mean_beta)))
   return np.asarray(logits), history
 
@@ -356,9 +359,10 @@ def learn(args: argparse.Namespace) -> dict:
   if jax.process_count() > 1:
     raise ValueError("jdit.learn_cache runs in one process (on all of its "
                      f"devices), not {jax.process_count()}")
-  mesh, _ = _on_mesh(sharding.create_mesh({"data": -1}), None, **{
-      "--chunk": args.chunk, "--batch_size": args.batch_size,
-      "--num_samples % --chunk": args.num_samples % args.chunk})
+  mesh = sharding.create_mesh({"data": -1})
+  _check_rows(mesh, **{"--chunk": args.chunk, "--batch_size": args.batch_size,
+                       "--num_samples % --chunk":
+                       args.num_samples % args.chunk})
   params, config = checkpoint.load_for_sampling(args.checkpoint)
   model, objective = sampling.model_from_config(config)
   if "remat" in getattr(model, "__dataclass_fields__", {}):
